@@ -1,0 +1,62 @@
+"""turbofx: a graph-level compiler for transformer models (torch.export -> FX passes -> Triton)."""
+from __future__ import annotations
+
+import os as _os
+import sys as _sys
+
+
+def _prepare_interpreter() -> None:
+    """Without a GPU, Triton kernels run in Triton's interpreter, which must be switched on before
+    triton is first imported (its standard library is built then)."""
+    if "triton" in _sys.modules or _os.environ.get("TRITON_INTERPRET"):
+        return
+    forced = _os.environ.get("TURBOFX_TARGET", "").lower()
+    if forced.startswith("cpu"):
+        _os.environ["TRITON_INTERPRET"] = "1"
+        return
+    if forced in ("cuda", "hip"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        _os.environ["TRITON_INTERPRET"] = "1"
+
+
+_prepare_interpreter()
+
+from turbofx.errors import (ArtifactError, CaptureError, InputMismatchError, ModelLoadError,  # noqa: F401
+                            TurbofxError)
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy so `import turbofx` (done by torch's backend registry) stays cheap.
+    if name in ("compile", "explain", "Options", "Report"):
+        from turbofx.compiler import driver
+
+        return getattr(driver, name)
+    if name in ("export", "load"):
+        from turbofx.compiler import artifact
+
+        return getattr(artifact, name)
+    if name == "backend":
+        from turbofx.compiler.backend import turbofx_backend
+
+        return turbofx_backend
+    raise AttributeError(f"module 'turbofx' has no attribute {name!r}")
+
+
+def _register_backend() -> None:
+    """Make backend="turbofx" work even when the package is not pip-installed (entry point)."""
+    try:
+        from torch._dynamo.backends.registry import _BACKENDS, register_backend
+    except Exception:  # pragma: no cover - torch without dynamo
+        return
+    if "turbofx" not in _BACKENDS:
+        from turbofx.compiler.backend import turbofx_backend
+
+        register_backend(name="turbofx")(turbofx_backend)
+
+
+_register_backend()

@@ -1,0 +1,209 @@
+"""Region -> Triton source.
+
+Pointwise regions iterate a flat index over ``full``; reduction regions iterate ``[rows, C]``
+with a whole row per program (persistent reduction: every reduction of the region reads the
+row from registers, so softmax and norms read their input once). Loads fold view chains into
+their index (sympy), dims every access walks contiguously are coalesced, and symbolic sizes
+become integer kernel arguments.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch.fx as fx
+
+from turbofx.codegen import indexing as ix
+from turbofx.codegen.ops import POINTWISE, REDUCTIONS, TL_DTYPE, compute_dtype, literal
+from turbofx.codegen.region import Region
+
+
+@dataclass
+class KernelSpec:
+    """A generated kernel and how to call it: ``buffers`` are the graph nodes whose tensors are
+    passed (inputs first, then outputs), ``size_args`` the size symbols passed as ints."""
+
+    name: str
+    kind: str
+    label: str
+    source: str
+    inputs: list[fx.Node]
+    outputs: list[fx.Node]
+    size_args: list[str]
+    xnumel: sympy.Expr
+    rnumel: sympy.Expr | None
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.n = 0
+
+    def tmp(self, code: str) -> str:
+        name = f"tmp{self.n}"
+        self.n += 1
+        self.lines.append(f"    {name} = {code}")
+        return name
+
+
+def generate(region: Region, target_key: str) -> KernelSpec:
+    red = region.kind == "reduction"
+    rows = list(region.rows)
+    dims = [sympy.Symbol(f"i{k}", integer=True, nonnegative=True) for k in range(len(rows))]
+    rsym = sympy.Symbol("rindex", integer=True, nonnegative=True)
+    full_idx = dims + [rsym] if red else list(dims)
+
+    # 1. every access as an offset over the per-dim index symbols
+    bases: dict[fx.Node, str] = {}
+    loads: dict[tuple, tuple] = {}  # (base, offset, is_row) -> (ptr, offset expr)
+    node_access: dict[tuple[fx.Node, fx.Node], tuple] = {}  # (consumer, arg) -> load key
+
+    def index_of(node: fx.Node) -> list[sympy.Expr]:
+        return list(dims) if (red and region.is_row(node)) else full_idx
+
+    for n in region.nodes:
+        for a in n.all_input_nodes:
+            if a in region.members or not isinstance(a.meta.get("val"), torch.Tensor):
+                continue
+            consumer_idx = index_of(n)
+            idx = ix.broadcast_index(consumer_idx, ix.shape_of(a))
+            base, bidx = ix.fold_views(a, idx, lambda v: v not in region.members)
+            off = ix.offset(bidx, ix.strides_of(base))
+            is_row = rsym not in off.free_symbols if red else False
+            ptr = bases.setdefault(base, f"in{len(bases)}")
+            key = (base, off)
+            loads.setdefault(key, (ptr, off, is_row))
+            node_access[(n, a)] = key
+    outputs = region.outputs()
+    stores = []
+    for k, o in enumerate(outputs):
+        oidx = index_of(o)
+        if red and region.is_row(o) and len(ix.shape_of(o)) == len(dims) + 1:
+            oidx = dims + [sympy.Integer(0)]
+        off = ix.offset(oidx, ix.strides_of(o))
+        stores.append((f"out{k}", off, o))
+
+    # 2. coalesce row dims across all accesses, then delinearize the flat program index
+    accesses = [off for _, off, _ in loads.values()] + [off for _, off, _ in stores]
+    groups, rewritten, gsyms, gsizes = ix.coalesce(dims, rows, accesses)
+    load_offsets = dict(zip(loads.keys(), rewritten[: len(loads)]))
+    store_offsets = rewritten[len(loads):]
+    xflat = sympy.Symbol("xindex", integer=True, nonnegative=True)
+    group_exprs = ix.delinearize(xflat, gsizes)
+
+    w = _Writer()
+    xnumel = ix.product(rows)
+    rnumel = region.full[-1] if red else None
+    for gsym, ge in zip(gsyms, group_exprs):
+        if any(gsym in off.free_symbols for off in rewritten):
+            w.lines.append(f"    {gsym.name} = {ix.pyexpr(ge)}")
+    fmask = "xmask & rmask" if red else "xmask"
+
+    def load_code(key) -> str:
+        ptr, _, is_row = loads[key]
+        off = load_offsets[key]
+        zero = "xzero" if (is_row or not red) else "fzero"
+        code = f"tl.load({ptr} + ({zero} + {ix.pyexpr(off)}), {'xmask' if is_row else fmask}, other=0)"
+        dt = key[0].meta["val"].dtype
+        return f"{code}.to(tl.float32)" if dt in (torch.float16, torch.bfloat16) else code
+
+    value: dict[fx.Node, str] = {}
+    scalar_syms: set[str] = set()
+    loaded: dict[tuple, str] = {}
+
+    def arg_code(n: fx.Node, a):
+        if isinstance(a, fx.Node):
+            if a in region.members:
+                return value[a]
+            v = a.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                key = node_access[(n, a)]
+                if key not in loaded:
+                    loaded[key] = w.tmp(load_code(key))
+                return loaded[key]
+            e = ix.to_expr(v)
+            scalar_syms.update(s.name for s in e.free_symbols)
+            return f"({ix.pyexpr(e)})"
+        if isinstance(a, (list, tuple)):
+            return [arg_code(n, x) for x in a]
+        if a is None:
+            return "None"
+        return literal(a)
+
+    for n in region.nodes:
+        args = [arg_code(n, a) for a in n.args]
+        kw = {k: v for k, v in n.kwargs.items()}
+        if n.target in REDUCTIONS:
+            kind = REDUCTIONS[n.target]
+            x = f"tl.broadcast_to({args[0]}, [XBLOCK, RBLOCK])"
+            if kind in ("sum", "mean"):
+                code = f"tl.sum(tl.where(xmask & rmask, {x}, 0), 1)[:, None]"
+                if kind == "mean":
+                    code = f"({code} / {ix.pyexpr(rnumel)})"
+            else:
+                fill = "float('-inf')" if kind == "max" else "float('inf')"
+                code = f"tl.{kind}(tl.where(xmask & rmask, {x}, {fill}), 1)[:, None]"
+            out_dt = compute_dtype(n.meta["val"].dtype)
+            value[n] = w.tmp(f"({code}).to({out_dt})")
+        elif ix.is_view(n):  # a row value re-viewed (trailing 1 added or dropped): same registers
+            value[n] = value[n.args[0]]
+        else:
+            value[n] = w.tmp(POINTWISE[n.target](n, args, kw))
+    for (ptr, _, o), off in zip(stores, store_offsets):
+        is_row = red and region.is_row(o)
+        zero = "xzero" if (is_row or not red) else "fzero"
+        v = value[o]
+        if red and not is_row:
+            v = f"tl.broadcast_to({v}, [XBLOCK, RBLOCK])"
+        w.lines.append(
+            f"    tl.store({ptr} + ({zero} + {ix.pyexpr(off)}), ({v}).to({TL_DTYPE[o.meta['val'].dtype]}), "
+            f"{'xmask' if is_row else fmask})"
+        )
+
+    # 3. signature and prologue
+    used = rewritten + group_exprs + [xnumel] + ([rnumel] if red else [])
+    index_syms = {s.name for s in dims + gsyms + [rsym, xflat]}
+    size_syms = sorted((ix.free_size_symbols(used) | scalar_syms) - index_syms)
+    body = "\n".join(w.lines)
+    ptrs = [p for p in bases.values()] + [p for p, _, _ in stores]
+    params = ptrs + size_syms + ["xnumel"] + (["rnumel"] if red else []) + ["XBLOCK: tl.constexpr"]
+    if red:
+        params.append("RBLOCK: tl.constexpr")
+    head = [
+        "    xoffset = tl.program_id(0).to(tl.int64) * XBLOCK" if _needs_int64(region) else
+        "    xoffset = tl.program_id(0) * XBLOCK",
+    ]
+    if red:
+        head += [
+            "    xindex = xoffset + tl.arange(0, XBLOCK)[:, None]",
+            "    xmask = xindex < xnumel",
+            "    rindex = tl.arange(0, RBLOCK)[None, :]",
+            "    rmask = rindex < rnumel",
+            "    xzero = xindex * 0",
+            "    fzero = xzero + rindex * 0",
+        ]
+    else:
+        head += ["    xindex = xoffset + tl.arange(0, XBLOCK)", "    xmask = xindex < xnumel", "    xzero = xindex * 0"]
+    digest = hashlib.sha256((body + str(params) + target_key).encode()).hexdigest()[:12]
+    name = f"tfx_{region.label()}_{digest}"
+    source = "\n".join(
+        ["import triton", "import triton.language as tl", "", "", "@triton.jit",
+         f"def {name}({', '.join(params)}):"] + head + w.lines
+    ) + "\n"
+    return KernelSpec(
+        name=name, kind=region.kind, label=region.label(), source=source,
+        inputs=list(bases.keys()), outputs=outputs, size_args=size_syms,
+        xnumel=xnumel, rnumel=rnumel,
+    )
+
+
+def _needs_int64(region: Region) -> bool:
+    """64-bit indices when an access could pass 2**31 elements (symbolic sizes assumed large)."""
+    total = ix.product(region.full)
+    for n in region.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            total = total + ix.product(ix.shape_of(n))
+    return not total.is_Integer or int(total) >= 2**31

@@ -1,0 +1,270 @@
+"""Lowering: FX graph + fusion regions -> Program data + kernel sources.
+
+Regions become kernel launches; every other op becomes an extern ATen call (views are free
+aliases; anything without a template is recorded with its reason). Units are scheduled in a
+topological order of the region-contracted graph; buffer lifetimes are planned so a kernel
+output reuses a dead buffer of the same shape, strides and dtype.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import networkx as nx
+import sympy
+import torch
+import torch.fx as fx
+
+from turbofx.codegen import indexing as ix
+from turbofx.codegen.kernel import KernelSpec, generate
+from turbofx.codegen.region import Region
+from turbofx.codegen.target import Target
+from turbofx.errors import CodegenError
+
+aten = torch.ops.aten
+
+
+@dataclass
+class KernelRecord:
+    name: str
+    kind: str  # pointwise | reduction | extern
+    label: str = ""
+    nodes: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+@dataclass
+class Lowered:
+    program: dict
+    sources: dict[str, str]
+    kernels: list[KernelRecord]
+
+
+def op_name(target) -> str:
+    if target is operator.getitem:
+        return "getitem"
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}::{target._schema.name.split('::')[1]}.{target._overloadname}"
+    raise CodegenError(f"cannot call {target!r} from a Program")
+
+
+def _extern_reason(n: fx.Node, refusals: dict[str, str]) -> str:
+    if ix.is_view(n):
+        return "view (alias, no copy)"
+    if n.target in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default):
+        return "matmul: vendor BLAS through ATen"
+    if n.target is aten.embedding.default:
+        return "embedding gather through ATen"
+    if n.target is operator.getitem:
+        return "tuple element"
+    return refusals.get(n.name, "no kernel template")
+
+
+def _is_scalar(n) -> bool:
+    return isinstance(n, fx.Node) and isinstance(n.meta.get("val"), (torch.SymInt, int)) and not isinstance(n.meta.get("val"), bool)
+
+
+def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: dict[str, str]) -> Lowered:
+    g = gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    output = next(n for n in g.nodes if n.op == "output")
+    region_of = {m: r for r in regions for m in r.nodes}
+    specs = {id(r): generate(r, target.key) for r in regions}
+
+    # which nodes need a value: graph outputs, extern args, kernel inputs (closure backwards)
+    needed: set[fx.Node] = set()
+    work = [a for a in output.all_input_nodes]
+    while work:
+        n = work.pop()
+        if n in needed or _is_scalar(n):
+            continue
+        needed.add(n)
+        if n in region_of:
+            work.extend(specs[id(region_of[n])].inputs)
+        elif n.op == "call_function":
+            work.extend(a for a in n.all_input_nodes)
+    units: dict = {}
+    for n in g.nodes:
+        if n in needed and n.op == "call_function":
+            units.setdefault(id(region_of[n]) if n in region_of else id(n), region_of.get(n, n))
+
+    def unit_deps(u) -> list:
+        ins = specs[id(u)].inputs if isinstance(u, Region) else [a for a in u.all_input_nodes if not _is_scalar(a)]
+        return [id(region_of.get(a, a)) for a in ins if a.op == "call_function"]
+
+    dag = nx.DiGraph()
+    for k, u in units.items():
+        dag.add_node(k)
+        for d in unit_deps(u):
+            if d != k:
+                dag.add_edge(d, k)
+    first = {k: (min(order[m] for m in u.nodes) if isinstance(u, Region) else order[u]) for k, u in units.items()}
+    schedule = [units[k] for k in nx.lexicographical_topological_sort(dag, key=lambda k: first[k])]
+
+    # value slots
+    slot: dict[fx.Node, int] = {}
+    for p in placeholders:
+        slot[p] = len(slot)
+    for u in schedule:
+        for n in (specs[id(u)].outputs if isinstance(u, Region) else [u]):
+            slot[n] = len(slot)
+
+    def template(a):
+        if isinstance(a, fx.Node):
+            if _is_scalar(a):
+                return {"$e": ix.pyexpr(ix.to_expr(a.meta["val"]))}
+            return {"$v": slot[a]}
+        if isinstance(a, torch.dtype):
+            return {"$dtype": str(a).removeprefix("torch.")}
+        if isinstance(a, torch.device):
+            return {"$device": str(a)}
+        if isinstance(a, torch.memory_format):
+            return {"$mf": str(a).removeprefix("torch.")}
+        if isinstance(a, torch.layout):
+            return {"$layout": str(a).removeprefix("torch.")}
+        if isinstance(a, float) and not math.isfinite(a):
+            return {"$float": str(a)}
+        if isinstance(a, tuple):
+            return {"$tuple": [template(x) for x in a]}
+        if isinstance(a, list):
+            return [template(x) for x in a]
+        if isinstance(a, dict):
+            return {"$kw": {k: template(v) for k, v in a.items()}}
+        if a is None or isinstance(a, (bool, int, float, str)):
+            return a
+        raise CodegenError(f"cannot serialise argument {a!r} ({type(a).__name__})")
+
+    steps, records, sources = [], [], {}
+    storage_root: dict[int, int] = {slot[p]: slot[p] for p in placeholders}
+    kernel_outputs: set[int] = set()
+    uses: dict[int, list[int]] = {}
+    defined_at: dict[int, int] = {}
+    for i, u in enumerate(schedule):
+        if isinstance(u, Region):
+            spec: KernelSpec = specs[id(u)]
+            sources[spec.name] = spec.source
+            ins = [slot[a] for a in spec.inputs]
+            outs = [slot[o] for o in spec.outputs]
+            allocs = []
+            for o in spec.outputs:
+                v = o.meta["val"]
+                allocs.append({
+                    "value": slot[o], "shape": [ix.pyexpr(e) for e in ix.shape_of(o)],
+                    "stride": [ix.pyexpr(e) for e in ix.strides_of(o)],
+                    "dtype": str(v.dtype).removeprefix("torch."), "device": str(v.device), "reuse": None})
+                storage_root[slot[o]] = slot[o]
+                kernel_outputs.add(slot[o])
+                defined_at[slot[o]] = i
+            steps.append({
+                "type": "kernel", "kernel": spec.name, "args": ins + outs, "allocs": allocs,
+                "size_args": spec.size_args, "xnumel": ix.pyexpr(spec.xnumel),
+                "rnumel": ix.pyexpr(spec.rnumel) if spec.rnumel is not None else None,
+                "xblock_max": target.xblock_max, "rblock_budget": target.rblock_budget,
+                "num_warps": target.num_warps(spec.kind == "reduction"), "kind": spec.kind,
+                "nodes": [m.name for m in u.nodes],
+            })
+            for s_ in ins:
+                uses.setdefault(s_, []).append(i)
+            records.append(KernelRecord(spec.name, spec.kind, spec.label, [m.name for m in u.nodes]))
+        else:
+            n = u
+            reason = _extern_reason(n, refusals)
+            steps.append({"type": "extern", "op": op_name(n.target), "args": template(list(n.args)),
+                          "kwargs": template(dict(n.kwargs))["$kw"], "out": slot[n], "node": n.name,
+                          "reason": reason})
+            defined_at[slot[n]] = i
+            ins = [slot[a] for a in n.all_input_nodes if a in slot]
+            for s_ in ins:
+                uses.setdefault(s_, []).append(i)
+            # outputs of aliasing ops (views, getitem of tuples) share their inputs' storage
+            aliasing = n.target is operator.getitem or (
+                isinstance(n.target, torch._ops.OpOverload)
+                and any(r.alias_info is not None for r in n.target._schema.returns))
+            roots = {storage_root[s_] for s_ in ins if s_ in storage_root}
+            storage_root[slot[n]] = min(roots) if aliasing and roots else slot[n]
+            if aliasing and len(roots) > 1:
+                for r in roots:  # conservatively keep every possible base alive together
+                    storage_root[r] = min(roots)
+            records.append(KernelRecord(n.name, "extern", op_name(n.target), [n.name], reason))
+
+    out_template = [template(a) for a in _flat_outputs(output)]
+    forever = len(steps)
+    last: dict[int, int] = {}
+    for v, idxs in uses.items():
+        last[v] = max(idxs)
+    for o in _flat_outputs(output):
+        if isinstance(o, fx.Node) and o in slot:
+            last[slot[o]] = forever
+
+    def root_of(v: int) -> int:
+        while storage_root.get(v, v) != v:
+            v = storage_root[v]
+        return v
+
+    root_last: dict[int, int] = {}
+    for v in range(len(slot)):
+        r = root_of(v)
+        root_last[r] = max(root_last.get(r, -1), last.get(v, -1), defined_at.get(v, -1))
+
+    # buffer reuse: a kernel output takes the tensor of a dead kernel output of the same layout
+    donated: set[int] = set()
+    pool: dict[tuple, list[int]] = {}
+    dying: dict[int, list[int]] = {}
+    for r, t in root_last.items():
+        if r in kernel_outputs and t < forever:
+            dying.setdefault(t, []).append(r)
+    layout = {a["value"]: (tuple(a["shape"]), tuple(a["stride"]), a["dtype"], a["device"])
+              for s in steps if s["type"] == "kernel" for a in s["allocs"]}
+    for i, s in enumerate(steps):
+        if s["type"] == "kernel":
+            for a in s["allocs"]:
+                cands = pool.get(layout[a["value"]])
+                if cands:
+                    a["reuse"] = cands.pop()
+                    donated.add(a["reuse"])
+        for r in dying.get(i, []):
+            pool.setdefault(layout[r], []).append(r)
+
+    frees: list[list[int]] = [[] for _ in steps]
+    for v in range(len(placeholders), len(slot)):
+        t = last.get(v, defined_at.get(v, -1))
+        if 0 <= t < forever and v not in donated:
+            frees[t].append(v)
+
+    bindings, bound = [], set()
+    for k, p in enumerate(placeholders):
+        v = p.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            for d, s in enumerate(v.shape):
+                e = ix.to_expr(s)
+                if e.is_Symbol and e.name not in bound:
+                    bindings.append([e.name, k, d]); bound.add(e.name)
+        elif isinstance(v, torch.SymInt):
+            e = ix.to_expr(v)
+            if e.is_Symbol and e.name not in bound:
+                bindings.append([e.name, k, None]); bound.add(e.name)
+    program = {
+        "n_values": len(slot), "inputs": [slot[p] for p in placeholders], "bindings": bindings,
+        "steps": steps, "frees": frees, "outputs": out_template,
+    }
+    _check_symbols(program, bound)
+    return Lowered(program, sources, records)
+
+
+def _flat_outputs(output: fx.Node) -> list:
+    outs = output.args[0]
+    return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+
+
+def _check_symbols(program: dict, bound: set[str]) -> None:
+    import re
+
+    text = repr(program["steps"]) + repr(program["outputs"])
+    used = set(re.findall(r"\b([su]\d+)\b", text))
+    missing = used - bound
+    if missing:
+        raise CodegenError(
+            f"sizes {sorted(missing)} are not input sizes (data-dependent shapes); "
+            "turbofx cannot run this graph yet")

@@ -1,0 +1,159 @@
+"""Capture: nn.Module (torch.export) or Dynamo graph (AOTAutograd) -> one ATen FX graph form.
+
+Both doors produce a :class:`CapturedGraph`: an ATen-level, functional ``fx.GraphModule`` whose
+nodes carry FakeTensor ``meta["val"]``, plus a signature saying which placeholder is a parameter,
+a buffer, a constant or a user input, and which outputs are buffer mutations. Everything after
+capture (passes, codegen, runtime) sees only this form.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from turbofx.errors import CaptureError
+
+log = logging.getLogger("turbofx.capture")
+aten = torch.ops.aten
+
+
+@dataclass
+class InputSpec:
+    kind: str  # "user" | "parameter" | "buffer" | "constant"
+    name: str  # placeholder name
+    target: str | None = None  # state-dict key for parameters/buffers/constants
+
+
+@dataclass
+class OutputSpec:
+    kind: str  # "user" | "buffer_mutation" | "input_mutation"
+    target: str | None = None  # mutated buffer key or user-input placeholder name
+
+
+@dataclass
+class CapturedGraph:
+    gm: fx.GraphModule
+    inputs: list[InputSpec]
+    outputs: list[OutputSpec]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    in_spec: Any = None  # pytree spec of (args, kwargs); None for the Dynamo door
+    out_spec: Any = None
+    example_user_inputs: list[Any] = field(default_factory=list)  # flat, for input checks
+    user_input_names: list[str] = field(default_factory=list)  # readable names for errors
+
+
+def _var_mean(x, dim=None, *, correction=None, keepdim=False):
+    """var_mean as mean + sum of squares, so fusion sees two ordinary row reductions."""
+    correction = 1 if correction is None else correction
+    dims = list(range(x.dim())) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
+    n = 1
+    for d in dims:
+        n = n * x.shape[d]
+    mean = aten.mean.dim(x, dims, True)
+    centered = aten.sub.Tensor(x, mean)
+    var = aten.div.Tensor(aten.sum.dim_IntList(aten.mul.Tensor(centered, centered), dims, keepdim), n - correction)
+    if not keepdim:
+        mean = aten.squeeze.dims(mean, dims)
+    return var, mean
+
+
+def decomposition_table() -> dict:
+    """Core ATen decompositions, minus SDPA (kept whole for the attention pass), plus softmax and
+    layer norm split into reductions the fusion pass can fuse."""
+    from torch._decomp import core_aten_decompositions, decomposition_table as full
+
+    table = dict(core_aten_decompositions())
+    table.pop(aten.scaled_dot_product_attention.default, None)
+    for op in (aten._softmax.default, aten._log_softmax.default, aten.native_layer_norm.default):
+        if op in full:
+            table[op] = full[op]
+    table[aten.var_mean.correction] = _var_mean
+    return table
+
+
+def _dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """Every dim of every user tensor is AUTO: export keeps what the model allows symbolic."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise CaptureError(f"example inputs do not match {type(module).__name__}.forward: {e}") from e
+    auto = torch.export.Dim.AUTO
+
+    def spec(v):
+        return {d: auto for d in range(v.dim())} if isinstance(v, torch.Tensor) else None
+
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = False) -> CapturedGraph:
+    """torch.export (non-strict) -> run_decompositions -> CapturedGraph."""
+    dyn = _dynamic_shapes(module, args, kwargs) if dynamic else None
+    try:
+        ep = torch.export.export(module, args, kwargs, dynamic_shapes=dyn, strict=False)
+        ep = ep.run_decompositions(decomposition_table())
+    except Exception as e:  # export failures are user-facing: say what to try
+        raise CaptureError(
+            f"torch.export could not capture {type(module).__name__}: {type(e).__name__}: {str(e)[:2000]}\n"
+            "Try example inputs that match how the model is called, pass use_cache=False for HF "
+            "models, or use torch.compile(model, backend='turbofx') which tolerates graph breaks."
+        ) from e
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    kinds = {
+        InputKind.USER_INPUT: "user",
+        InputKind.PARAMETER: "parameter",
+        InputKind.BUFFER: "buffer",
+        InputKind.CONSTANT_TENSOR: "constant",
+    }
+    inputs = []
+    for s in ep.graph_signature.input_specs:
+        if s.kind not in kinds:
+            raise CaptureError(f"unsupported graph input kind {s.kind} ({s.arg}); turbofx handles tensors and scalars")
+        inputs.append(InputSpec(kinds[s.kind], s.arg.name, s.target))
+    outputs = []
+    for s in ep.graph_signature.output_specs:
+        if s.kind == OutputKind.USER_OUTPUT:
+            outputs.append(OutputSpec("user"))
+        elif s.kind == OutputKind.BUFFER_MUTATION:
+            outputs.append(OutputSpec("buffer_mutation", s.target))
+        elif s.kind == OutputKind.USER_INPUT_MUTATION:
+            outputs.append(OutputSpec("input_mutation", s.target))
+        else:
+            raise CaptureError(f"unsupported graph output kind {s.kind}")
+    state = {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
+    flat_user, _ = pytree.tree_flatten((args, kwargs))
+    paths, _ = pytree.tree_flatten_with_path((args, kwargs))
+    names = [_path_name(p) for p, _ in paths]
+    return CapturedGraph(
+        gm=ep.graph_module, inputs=inputs, outputs=outputs, state=state,
+        in_spec=ep.call_spec.in_spec, out_spec=ep.call_spec.out_spec,
+        example_user_inputs=flat_user, user_input_names=names,
+    )
+
+
+def _path_name(path) -> str:
+    """((0, 1), ...) key path -> 'args[1]' / 'kwargs['input_ids']' style name."""
+    s = pytree.keystr(path)
+    if s.startswith("[0]"):
+        return "args" + s[3:]
+    if s.startswith("[1]"):
+        return "kwargs" + s[3:]
+    return s
+
+
+def capture_aot_graph(gm: fx.GraphModule, example_inputs: list) -> CapturedGraph:
+    """An AOTAutograd inference graph: every placeholder is a (flat) user input."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = [InputSpec("user", n.name) for n in placeholders]
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = out_node.args[0]
+    outputs = [OutputSpec("user") for _ in (outs if isinstance(outs, (list, tuple)) else [outs])]
+    return CapturedGraph(
+        gm=gm, inputs=inputs, outputs=outputs, example_user_inputs=list(example_inputs),
+        user_input_names=[n.name for n in placeholders],
+    )

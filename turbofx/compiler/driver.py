@@ -1,0 +1,218 @@
+"""The public driver: compile, explain. Capture -> passes -> lowering -> Program -> CompiledModule."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from turbofx.codegen import cache
+from turbofx.codegen.lower import KernelRecord, lower
+from turbofx.codegen.target import Target, detect
+from turbofx.compiler.capture import CapturedGraph, capture_module
+from turbofx.passes.canonicalize import canonicalize
+from turbofx.passes.fusion import fuse
+from turbofx.passes.manager import PassContext, PassManager, PassRecord
+from turbofx.runtime.module import CompiledModule
+from turbofx.runtime.program import Program
+
+log = logging.getLogger("turbofx.compiler")
+if os.environ.get("TURBOFX_LOG"):
+    logging.basicConfig()
+    logging.getLogger("turbofx").setLevel(os.environ["TURBOFX_LOG"].upper())
+
+
+@dataclass
+class Options:
+    """Compile options. Unknown keywords are refused (a typo must not be silently ignored)."""
+
+    target: str | None = None  # cuda | hip | cpu-interpret; None detects
+    dynamic: bool = False  # symbolic sizes for every input dim that the model allows
+    verify: bool = False  # run the graph before and after each pass and compare
+    dump_dir: str | None = None  # write each stage's graph and each kernel's source
+    mode: str | None = None  # accepted from torch.compile / HF generate; recorded
+    cudagraphs: bool = False  # graph replay arrives with the runtime issue
+
+    @classmethod
+    def make(cls, **kw) -> "Options":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(kw) - known
+        if unknown:
+            from turbofx.errors import TurbofxError
+
+            raise TurbofxError(f"unknown turbofx option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**kw)
+
+
+@dataclass
+class Report:
+    """What the compiler did: kernels by kind, each fallback with its reason, pass records, timings."""
+
+    target: str
+    kernels: list[KernelRecord] = field(default_factory=list)
+    passes: list[PassRecord] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def generated(self) -> list[KernelRecord]:
+        return [k for k in self.kernels if k.kind != "extern"]
+
+    @property
+    def fallbacks(self) -> list[KernelRecord]:
+        return [k for k in self.kernels if k.kind == "extern" and not k.reason.startswith(("view", "tuple"))]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for k in self.kernels:
+            if k.kind == "extern" and k.reason.startswith(("view", "tuple")):
+                continue
+            out[k.kind] = out.get(k.kind, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"turbofx report — target {self.target}"]
+        t = self.stage_seconds
+        lines.append("  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))
+        lines.append("  steps:  " + ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items())))
+        labels: dict[str, int] = {}
+        for k in self.generated:
+            labels[f"{k.kind}/{k.label}"] = labels.get(f"{k.kind}/{k.label}", 0) + 1
+        lines.append("  generated kernels: " + ", ".join(f"{n}× {l}" for l, n in sorted(labels.items())))
+        reasons: dict[tuple[str, str], int] = {}
+        for k in self.fallbacks:
+            reasons[(k.label, k.reason)] = reasons.get((k.label, k.reason), 0) + 1
+        if reasons:
+            lines.append("  extern ATen calls (why not generated):")
+            for (op, why), n in sorted(reasons.items(), key=lambda x: -x[1]):
+                lines.append(f"    {n:4d}× {op}: {why}")
+        lines.append("  passes: " + "; ".join(p.summary() for p in self.passes))
+        return "\n".join(lines)
+
+
+def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0):
+    """Passes + lowering + kernel loading for a captured graph -> (Program, Report, Lowered)."""
+    target = detect(_device_of(captured)) if opts.target is None else _forced(opts.target)
+    report = Report(target=target.describe(), stage_seconds={"capture": capture_seconds})
+    t0 = time.perf_counter()
+    flat_example = None
+    if opts.verify:
+        flat_example = _graph_example_inputs(captured)
+    ctx = PassContext(example_inputs=flat_example)
+    pm = PassManager([canonicalize, fuse], verify=opts.verify, dump_dir=opts.dump_dir)
+    report.passes = pm.run(captured.gm, ctx)
+    t1 = time.perf_counter()
+    refusals = {name: why for rec in report.passes for name, why in rec.refused}
+    lowered = lower(captured.gm, ctx.regions, target, refusals)
+    kernels = {name: cache.load(name, src, target) for name, src in lowered.sources.items()}
+    program = Program(lowered.program, kernels)
+    report.kernels = lowered.kernels
+    report.stage_seconds.update(passes=t1 - t0, codegen=time.perf_counter() - t1)
+    _dump_kernels(opts, lowered.sources)
+    return program, report, lowered, target
+
+
+def _device_of(c: CapturedGraph) -> torch.device | None:
+    for t in list(c.example_user_inputs) + list(c.state.values()):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            return t.device
+    return None
+
+
+def _forced(name: str) -> Target:
+    old = os.environ.get("TURBOFX_TARGET")
+    os.environ["TURBOFX_TARGET"] = name
+    try:
+        return detect()
+    finally:
+        if old is None:
+            os.environ.pop("TURBOFX_TARGET")
+        else:
+            os.environ["TURBOFX_TARGET"] = old
+
+
+def _dump_kernels(opts: Options, sources: dict[str, str]) -> None:
+    d = opts.dump_dir or os.environ.get("TURBOFX_DUMP")
+    if not d:
+        return
+    kdir = os.path.join(d, "kernels")
+    os.makedirs(kdir, exist_ok=True)
+    for name, src in sources.items():
+        with open(os.path.join(kdir, f"{name}.py"), "w") as f:
+            f.write(src)
+
+
+def _graph_example_inputs(c: CapturedGraph) -> list:
+    users = iter(c.example_user_inputs)
+    return [next(users) if s.kind == "user" else c.state[s.target] for s in c.inputs]
+
+
+def input_plan(c: CapturedGraph) -> tuple[list, list]:
+    """(plan, expected) for CompiledModule from a captured graph."""
+    plan, k = [], 0
+    placeholders = [n for n in c.gm.graph.nodes if n.op == "placeholder"]
+    user_vals = []
+    for s, p in zip(c.inputs, placeholders):
+        if s.kind == "user":
+            plan.append(["user", k]); k += 1
+            user_vals.append(p.meta.get("val"))
+        else:
+            plan.append(["state", s.target])
+    expected = []
+    for ex, v in zip(c.example_user_inputs, user_vals):
+        if isinstance(ex, torch.Tensor):
+            shape = [int(s) if isinstance(s, int) else None for s in (v.shape if isinstance(v, torch.Tensor) else ex.shape)]
+            expected.append({"kind": "tensor", "shape": shape, "dtype": ex.dtype, "device": ex.device})
+        else:
+            expected.append({"kind": "value", "value": ex})
+    return plan, expected
+
+
+def mutation_plan(c: CapturedGraph) -> dict[int, list]:
+    user_pos = {s.name: i for i, s in enumerate([s for s in c.inputs if s.kind == "user"])}
+    out = {}
+    for i, o in enumerate(c.outputs):
+        if o.kind == "buffer_mutation":
+            out[i] = ["state", o.target]
+        elif o.kind == "input_mutation":
+            out[i] = ["user", user_pos[o.target]]
+    return out
+
+
+def make_module(c: CapturedGraph, program: Program, report: Report) -> CompiledModule:
+    plan, expected = input_plan(c)
+    muts = mutation_plan(c)
+    return CompiledModule(program, c.state, plan, expected, c.user_input_names, c.in_spec, c.out_spec,
+                          muts, len(c.outputs) - len(muts), report)
+
+
+def compile(module: torch.nn.Module, example_args: tuple = (), example_kwargs: dict | None = None,
+            target: str | None = None, **options) -> CompiledModule:
+    """Compile ``module`` for calls like ``module(*example_args, **example_kwargs)``."""
+    opts = Options.make(target=target, **options)
+    example_kwargs = dict(example_kwargs or {})
+    if not isinstance(example_args, tuple):
+        example_args = (example_args,)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        captured = capture_module(module, example_args, example_kwargs, dynamic=opts.dynamic)
+    program, report, _, _ = build(captured, opts, time.perf_counter() - t0)
+    log.info("compiled %s: %s", type(module).__name__, report.counts())
+    return make_module(captured, program, report)
+
+
+def explain(compiled) -> Report:
+    """The report of a compiled module (``turbofx.compile``, ``turbofx.load`` or the backend)."""
+    rep = getattr(compiled, "turbofx_report", None)
+    if rep is None:
+        from turbofx.compiler.backend import reports_of
+
+        reps = reports_of(compiled)
+        if reps:
+            return reps[-1]
+        from turbofx.errors import TurbofxError
+
+        raise TurbofxError("this object was not compiled by turbofx (nothing to explain)")
+    return rep

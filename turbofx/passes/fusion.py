@@ -1,0 +1,144 @@
+"""fusion: partition pointwise chains and last-dim reductions (with their prologues and
+epilogues) into regions, each one generated kernel.
+
+Invariant: the graph is unchanged; ``ctx.regions`` lists disjoint regions, and contracting every
+region to one node leaves the graph acyclic (checked with networkx before the pass returns).
+Every call_function node left outside a region is recorded with the reason.
+"""
+from __future__ import annotations
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from turbofx.codegen.indexing import is_view, same_shape, shape_of, val
+from turbofx.codegen.ops import pointwise_refusal, reduction_refusal
+from turbofx.codegen.region import Region
+from turbofx.passes.manager import PassContext, PassRecord
+
+aten = torch.ops.aten
+_FREE = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+
+
+def _role(n: fx.Node) -> tuple[str | None, str]:
+    if is_view(n):
+        return "view", ""
+    why = pointwise_refusal(n)
+    if why is None:
+        return "pointwise", ""
+    rwhy = reduction_refusal(n)
+    if rwhy is None:
+        return "reduction", ""
+    return None, why if n.target not in (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default) else rwhy
+
+
+def _fits(region: Region, n: fx.Node, role: str) -> str | None:
+    """None if ``n`` can join ``region``, else why not."""
+    ins = [a for a in n.all_input_nodes if a in region.members]
+    if role == "view":
+        if region.kind != "reduction" or not region.is_row(n) or not all(region.is_row(a) for a in ins):
+            return "view of a value computed in the region"
+        return None
+    if role == "reduction":
+        x = n.args[0]
+        if region.kind == "pointwise":
+            return None if same_shape(shape_of(x), region.full) else "reduction input shape differs"
+        return None if region.is_full(x) else "reduction over a different domain"
+    # pointwise
+    if region.is_full(n):
+        rows1 = region.rows + (1,)
+        ok = all(region.is_full(a) or (region.kind == "reduction" and same_shape(shape_of(a), rows1)) for a in ins)
+        return None if ok else "broadcast of a row value without its trailing dim"
+    if region.is_row(n):
+        return None if all(region.is_row(a) for a in ins) else "row value from a full value"
+    return "shape differs from the region's domain"
+
+
+class _Partition:
+    def __init__(self, g: fx.Graph) -> None:
+        self.order = {n: i for i, n in enumerate(g.nodes)}
+        self.region_of: dict[fx.Node, Region] = {}
+        self.regions: list[Region] = []
+
+    def _span_max(self, unit) -> int:
+        return max(self.order[m] for m in unit.nodes) if isinstance(unit, Region) else self.order[unit]
+
+    def creates_cycle(self, region: Region, n: fx.Node) -> bool:
+        """Would adding ``n`` give a path region -> (outside) -> n?  Walks back from n's outside
+        inputs over contracted regions, pruned by graph order."""
+        lo = min(self.order[m] for m in region.nodes)
+        stack = [a for a in n.all_input_nodes if a not in region.members]
+        seen: set = set()
+        while stack:
+            x = stack.pop()
+            unit = self.region_of.get(x, x)
+            if unit is region:
+                return True
+            if id(unit) in seen or self._span_max(unit) < lo:
+                continue
+            seen.add(id(unit))
+            members = unit.nodes if isinstance(unit, Region) else [unit]
+            for m in members:
+                stack.extend(a for a in m.all_input_nodes if self.order[a] >= lo or a in region.members)
+        return False
+
+    def new_region(self, n: fx.Node, role: str) -> Region:
+        if role == "reduction":
+            r = Region(len(self.regions), "reduction", shape_of(n.args[0]))
+        else:
+            r = Region(len(self.regions), "pointwise", shape_of(n))
+        self.regions.append(r)
+        return r
+
+    def place(self, n: fx.Node, role: str, rec: PassRecord) -> None:
+        producers = sorted({self.region_of[a] for a in n.all_input_nodes if a in self.region_of},
+                           key=lambda r: -max(self.order[m] for m in r.nodes))
+        for r in producers:
+            why = _fits(r, n, role)
+            if why is None and self.creates_cycle(r, n):
+                why = "would create a cycle between kernels"
+            if why is None:
+                if role == "reduction" and r.kind == "pointwise":
+                    r.kind = "reduction"
+                r.add(n)
+                self.region_of[n] = r
+                return
+            rec.refused.append((n.name, f"not fused into region {r.id}: {why}"))
+        if role == "view":
+            return
+        r = self.new_region(n, role)
+        r.add(n)
+        self.region_of[n] = r
+
+
+def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
+    rec = PassRecord("fusion")
+    part = _Partition(gm.graph)
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target in _FREE or val(n) is None:
+            continue
+        role, why = _role(n)
+        if role is None:
+            rec.refused.append((n.name, why))
+            continue
+        part.place(n, role, rec)
+    regions = [r for r in part.regions if r.nodes]
+    for i, r in enumerate(regions):
+        r.id = i
+        rec.matched.append(f"region {i} ({r.kind}/{r.label()}): {', '.join(m.name for m in r.nodes)}")
+    _check_acyclic(gm.graph, part.region_of)
+    ctx.regions = regions
+    return rec
+
+
+def _check_acyclic(g: fx.Graph, region_of: dict) -> None:
+    dag = nx.DiGraph()
+    for n in g.nodes:
+        u = id(region_of.get(n, n))
+        dag.add_node(u)
+        for a in n.all_input_nodes:
+            v = id(region_of.get(a, a))
+            if v != u:
+                dag.add_edge(v, u)
+    if not nx.is_directed_acyclic_graph(dag):
+        raise AssertionError("fusion created a cycle between kernels (turbofx bug)")

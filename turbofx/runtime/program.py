@@ -1,0 +1,225 @@
+"""A Program: ordered kernel launches and extern ATen calls over planned buffers.
+
+A Program is plain data (JSON-serialisable ``to_dict``/``from_dict``): value slots, steps, size
+symbols bound from input shapes, and which slot holds each output. Kernel outputs are allocated
+by the runtime with the strides the graph promised; a planned output may reuse the tensor of a
+dead buffer with the same shape, strides and dtype. Running is one tight loop.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger("turbofx.runtime")
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool, torch.complex64)}
+_MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "preserve_format": torch.preserve_format,
+                   "channels_last": torch.channels_last}
+_LAYOUTS = {"strided": torch.strided}
+
+
+def _compile_expr(src: str):
+    return compile(src, "<turbofx-size>", "eval")
+
+
+def _eval(code, env: dict) -> int:
+    return eval(code, {"max": max, "min": min}, env)
+
+
+# ---------------------------------------------------------------- argument templates
+
+class _Ref:
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+
+class _Expr:
+    __slots__ = ("code",)
+
+    def __init__(self, src: str) -> None:
+        self.code = _compile_expr(src)
+
+
+def decode_arg(x):
+    """JSON template -> runtime template (refs and compiled size expressions)."""
+    if isinstance(x, list):
+        return [decode_arg(a) for a in x]
+    if isinstance(x, dict):
+        (k, v), = x.items()
+        if k == "$v":
+            return _Ref(v)
+        if k == "$e":
+            return _Expr(v)
+        if k == "$dtype":
+            return _DTYPES[v]
+        if k == "$device":
+            return torch.device(v)
+        if k == "$mf":
+            return _MEMORY_FORMATS[v]
+        if k == "$layout":
+            return _LAYOUTS[v]
+        if k == "$float":
+            return float(v)
+        if k == "$tuple":
+            return tuple(decode_arg(a) for a in v)
+        if k == "$kw":
+            return {kk: decode_arg(vv) for kk, vv in v.items()}
+        raise ValueError(f"unknown argument tag {k}")
+    return x
+
+
+def _resolve(x, values: list, env: dict):
+    if isinstance(x, _Ref):
+        return values[x.i]
+    if isinstance(x, _Expr):
+        return _eval(x.code, env)
+    if isinstance(x, list):
+        return [_resolve(a, values, env) for a in x]
+    if isinstance(x, tuple):
+        return tuple(_resolve(a, values, env) for a in x)
+    if isinstance(x, dict):
+        return {k: _resolve(v, values, env) for k, v in x.items()}
+    return x
+
+
+def resolve_op(name: str) -> Callable:
+    if name == "getitem":
+        return operator.getitem
+    ns, rest = name.split("::", 1)
+    packet, _, overload = rest.partition(".")
+    return getattr(getattr(getattr(torch.ops, ns), packet), overload or "default")
+
+
+# ---------------------------------------------------------------- steps
+
+@dataclass
+class Alloc:
+    """A kernel output: allocate with these sizes/strides, or reuse value ``reuse``'s tensor."""
+
+    value: int
+    shape: list[str]
+    stride: list[str]
+    dtype: str
+    device: str
+    reuse: int | None = None
+
+
+@dataclass
+class KernelStep:
+    kernel: str
+    args: list[int]  # value slots: inputs then outputs
+    allocs: list[Alloc]
+    size_args: list[str]
+    xnumel: str
+    rnumel: str | None
+    xblock_max: int
+    rblock_budget: int
+    num_warps: int
+    kind: str = "pointwise"
+    nodes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExternStep:
+    op: str
+    args: Any  # JSON template
+    kwargs: Any
+    out: int
+    node: str = ""
+    reason: str = ""
+
+
+class Program:
+    def __init__(self, d: dict, kernels: dict[str, Callable]):
+        self.d = d
+        self.n_values = d["n_values"]
+        self.inputs: list[int] = d["inputs"]
+        self.bindings = d["bindings"]  # [symbol, input position, dim or None]
+        self.outputs = [decode_arg(o) for o in d["outputs"]]
+        self.frees: list[list[int]] = d["frees"]
+        self.steps = []
+        for s in d["steps"]:
+            if s["type"] == "kernel":
+                ks = KernelStep(**{k: v for k, v in s.items() if k != "type"})
+                ks.allocs = [Alloc(**a) for a in s["allocs"]]
+                fn = kernels[ks.kernel]
+                self.steps.append(self._kernel_runner(ks, fn))
+            else:
+                es = ExternStep(**{k: v for k, v in s.items() if k != "type"})
+                self.steps.append(self._extern_runner(es))
+
+    @staticmethod
+    def _kernel_runner(ks: KernelStep, fn):
+        allocs = [(a.value, [_compile_expr(e) for e in a.shape], [_compile_expr(e) for e in a.stride],
+                   _DTYPES[a.dtype], torch.device(a.device), a.reuse) for a in ks.allocs]
+        xnumel = _compile_expr(ks.xnumel)
+        rnumel = _compile_expr(ks.rnumel) if ks.rnumel is not None else None
+        size_args = [_compile_expr(s) for s in ks.size_args]
+        args_idx = ks.args
+
+        def run(values: list, env: dict) -> None:
+            for v, shape, stride, dtype, device, reuse in allocs:
+                if reuse is not None:
+                    values[v] = values[reuse]
+                else:
+                    values[v] = torch.empty_strided([_eval(c, env) for c in shape], [_eval(c, env) for c in stride],
+                                                    dtype=dtype, device=device)
+            xn = _eval(xnumel, env)
+            if xn == 0:
+                return
+            args = [values[i] for i in args_idx] + [_eval(c, env) for c in size_args]
+            if rnumel is None:
+                xblock = min(ks.xblock_max, _pow2(xn))
+                fn[(-(-xn // xblock),)](*args, xn, XBLOCK=xblock, num_warps=ks.num_warps)
+            else:
+                rn = _eval(rnumel, env)
+                rblock = _pow2(rn)
+                xblock = max(1, min(_pow2(xn), ks.rblock_budget // rblock))
+                fn[(-(-xn // xblock),)](*args, xn, rn, XBLOCK=xblock, RBLOCK=rblock, num_warps=ks.num_warps)
+
+        run.step = ks
+        return run
+
+    @staticmethod
+    def _extern_runner(es: ExternStep):
+        op = resolve_op(es.op)
+        args = decode_arg(es.args)
+        kwargs = {k: decode_arg(v) for k, v in es.kwargs.items()}
+        out = es.out
+
+        def run(values: list, env: dict) -> None:
+            values[out] = op(*_resolve(args, values, env), **_resolve(kwargs, values, env))
+
+        run.step = es
+        return run
+
+    def bind(self, flat_inputs: list) -> dict:
+        env: dict[str, int] = {}
+        for sym, pos, dim in self.bindings:
+            x = flat_inputs[pos]
+            env[sym] = int(x) if dim is None else x.shape[dim]
+        return env
+
+    def __call__(self, flat_inputs: list) -> list:
+        values: list = [None] * self.n_values
+        for slot, x in zip(self.inputs, flat_inputs):
+            values[slot] = x
+        env = self.bind(flat_inputs)
+        frees = self.frees
+        for i, step in enumerate(self.steps):
+            step(values, env)
+            for v in frees[i]:
+                values[v] = None
+        return [_resolve(o, values, env) for o in self.outputs]
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
