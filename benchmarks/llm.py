@@ -210,6 +210,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if "turbofx" in args.contestants:
+        try:  # before triton/transformers: on CPU turbofx must switch on Triton's interpreter first
+            import turbofx  # noqa: F401
+        except Exception:
+            traceback.print_exc()  # the turbofx contestants will record the error
     import transformers
     from transformers import AutoModelForCausalLM
     cfg = make_config(args.config, device)

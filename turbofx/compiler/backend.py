@@ -37,11 +37,9 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
         _reports.append(report)
         stats["graphs"] += 1
 
-        def run(args):
+        def run(*args):
             stats["calls"] += 1
-            out = program(list(args))
-            args.clear()
-            return out
+            return program(list(args))
 
         return make_boxed_func(run)
 

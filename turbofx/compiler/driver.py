@@ -99,7 +99,10 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0):
     t0 = time.perf_counter()
     flat_example = None
     if opts.verify:
-        flat_example = _graph_example_inputs(captured)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            flat_example = _graph_example_inputs(captured)
     ctx = PassContext(example_inputs=flat_example)
     pm = PassManager([canonicalize, fuse], verify=opts.verify, dump_dir=opts.dump_dir)
     report.passes = pm.run(captured.gm, ctx)
@@ -146,7 +149,24 @@ def _dump_kernels(opts: Options, sources: dict[str, str]) -> None:
 
 def _graph_example_inputs(c: CapturedGraph) -> list:
     users = iter(c.example_user_inputs)
-    return [next(users) if s.kind == "user" else c.state[s.target] for s in c.inputs]
+    return [_real(next(users)) if s.kind == "user" else c.state[s.target] for s in c.inputs]
+
+
+def _real(x):
+    """A real random stand-in for a fake (Dynamo) example input; real inputs pass through."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if isinstance(x, torch.SymInt):
+        return x.node.hint
+    if not isinstance(x, torch.Tensor) or not is_fake(x):
+        return x
+    shape = [s.node.hint if isinstance(s, torch.SymInt) else s for s in x.shape]
+    g = torch.Generator().manual_seed(0)
+    if x.dtype.is_floating_point:
+        return torch.randn(shape, generator=g).to(device=x.device, dtype=x.dtype)
+    if x.dtype == torch.bool:
+        return torch.rand(shape, generator=g).lt(0.5).to(x.device)
+    return torch.randint(0, 2, shape, generator=g).to(device=x.device, dtype=x.dtype)
 
 
 def input_plan(c: CapturedGraph) -> tuple[list, list]:

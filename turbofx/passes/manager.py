@@ -52,17 +52,21 @@ def lint(gm: fx.GraphModule, name: str) -> None:
 
 
 def _run_graph(gm: fx.GraphModule, inputs: list[Any]):
-    with torch.no_grad():
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with torch.no_grad(), unset_fake_temporarily():  # Dynamo compiles under a fake mode
         return gm(*inputs)
 
 
 def _compare(before, after, name: str) -> None:
     import torch.utils._pytree as pytree
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    for a, b in zip(pytree.tree_leaves(before), pytree.tree_leaves(after)):
-        if isinstance(a, torch.Tensor):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, equal_nan=True,
-                                       msg=lambda m: f"pass {name} changed the graph's results: {m}")
+    with unset_fake_temporarily():
+        for a, b in zip(pytree.tree_leaves(before), pytree.tree_leaves(after)):
+            if isinstance(a, torch.Tensor):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, equal_nan=True,
+                                           msg=lambda m: f"pass {name} changed the graph's results: {m}")
 
 
 class PassManager:
