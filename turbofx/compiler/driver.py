@@ -110,7 +110,9 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0):
     refusals = {name: why for rec in report.passes for name, why in rec.refused}
     lowered = lower(captured.gm, ctx.regions, target, refusals)
     kernels = {name: cache.load(name, src, target) for name, src in lowered.sources.items()}
+    lowered.program["target"] = {"backend": target.backend, "arch": target.arch}
     program = Program(lowered.program, kernels)
+    program.sources = lowered.sources
     report.kernels = lowered.kernels
     report.stage_seconds.update(passes=t1 - t0, codegen=time.perf_counter() - t1)
     _dump_kernels(opts, lowered.sources)

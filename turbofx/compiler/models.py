@@ -68,6 +68,7 @@ def _quiet_fast_gguf_load() -> Iterator[None]:
       submodule (~400 times for SmolLM2), ~6 s;
     * hide the "Loading weights" / "Converting and de-quantizing GGUF tensors..." progress bars,
       harmless noise on stderr.
+    The patches are process-wide while active: do not load GGUF files from two threads at once.
     """
     import gguf
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
@@ -106,7 +107,9 @@ def _quiet_fast_gguf_load() -> Iterator[None]:
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load SmolLM2-135M-Instruct (a ``LlamaForCausalLM``) and its tokenizer from the shipped GGUF.
 
-    Weights are de-quantized to ``dtype``. Nothing is fetched from the network (local_files_only).
+    Weights are de-quantized to ``dtype`` into plain ``nn.Linear`` layers (``GgufConfig(dequantize=True)``,
+    so a future ``kernels`` install cannot swap in packed GGUF layers). Nothing is fetched from the
+    network (local_files_only).
     Takes ~15 s on a 2-core machine (~35 s without ``_quiet_fast_gguf_load``).
     """
     from turbofx.errors import ModelLoadError
@@ -116,10 +119,18 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, P
 
     start = time.perf_counter()
     kwargs: dict[str, Any] = {"gguf_file": path.name, "local_files_only": True}
+    try:  # ask for a plain dense model: no packed GgufLinear, no hf_quantizer left on the model
+        from transformers import GgufConfig
+
+        model_kwargs: dict[str, Any] = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older transformers always dequantize
+        model_kwargs = {}
     try:
         with _quiet_fast_gguf_load():
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), dtype=dtype, **kwargs, **model_kwargs
+            )
     except Exception as exc:  # transformers raises many kinds; name the file and the fix
         raise ModelLoadError(
             f"could not load {path}: {exc}. Reinstall it with: {_INSTALL_HINT} --force-reinstall"

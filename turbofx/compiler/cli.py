@@ -1,0 +1,192 @@
+"""The ``turbofx`` command: export, run, demo (the main job), doctor."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+def _flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
+    """Register --some-flag and --some_flag as one option."""
+    under = "--" + name[2:].replace("-", "_")
+    p.add_argument(*([name] if under == name else [name, under]), **kw)
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[name]
+
+
+def _prompt_ids(tok, prompt: str, vocab: int):
+    import torch
+
+    if tok is None:  # random-weight model without a tokenizer: bytes of the prompt as token ids
+        return torch.tensor([[b % vocab for b in prompt.encode()][:64] or [1]])
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return ids
+
+
+def _decode(tok, tokens: list[int]) -> str:
+    return tok.decode(tokens, skip_special_tokens=True) if tok is not None else " ".join(map(str, tokens))
+
+
+def _load(spec: str, dtype: str):
+    from turbofx.compiler.models import load_model
+
+    print(f"loading {spec} ({dtype}) ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    model, tok = load_model(spec, dtype=_dtype(dtype))
+    print(f"  loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    return model, tok
+
+
+def cmd_export(a) -> int:
+    import torch
+
+    import turbofx
+
+    model, tok = _load(a.model, a.dtype)
+    vocab = model.config.vocab_size
+    ids = _prompt_ids(tok, DEFAULT_PROMPT, vocab)[:, :8]
+    kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    print(f"compiling for {a.target or 'the detected target'} ...", file=sys.stderr, flush=True)
+    extra = {"model": a.model, "generate_kwargs": kwargs, "vocab_size": vocab,
+             "eos_token_id": getattr(model.config, "eos_token_id", None)}
+    with torch.no_grad():
+        path = turbofx.export(model, (ids,), kwargs, output_dir=a.output_dir, target=a.target, dynamic=True, extra=extra)
+    if tok is not None:
+        tok.save_pretrained(path / "tokenizer")
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_run(a) -> int:
+    import turbofx
+    from turbofx.runtime.generate import greedy
+
+    cm = turbofx.load(a.artifact)
+    extra = cm.turbofx_meta.get("extra", {})
+    tok = None
+    from pathlib import Path
+
+    if (Path(a.artifact) / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(Path(a.artifact) / "tokenizer"))
+    ids = _prompt_ids(tok, a.prompt, extra.get("vocab_size", 32000))
+    kwargs = extra.get("generate_kwargs", {})
+    eos = extra.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    tokens, secs = greedy(lambda x: cm(x, **kwargs), ids, a.max_new_tokens, eos, label="turbofx")
+    print(_decode(tok, tokens))
+    print(f"[{len(tokens)} tokens in {secs:.2f}s: {len(tokens) / secs:.2f} tokens/s]")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    """The main job: compile a model, generate greedily with eager and turbofx, compare, report."""
+    import torch
+
+    import turbofx
+    from turbofx.runtime.generate import greedy
+
+    torch.manual_seed(0)
+    model, tok = _load(a.model, a.dtype)
+    ids = _prompt_ids(tok, a.prompt, model.config.vocab_size)
+    kwargs = {"use_cache": False}
+    eos = getattr(model.config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list) else eos
+    print(f"prompt: {a.prompt!r} ({ids.shape[1]} tokens)", flush=True)
+    print("eager greedy generation ...", file=sys.stderr, flush=True)
+    with torch.no_grad():
+        eager_tokens, eager_s = greedy(lambda x: model(x, **kwargs), ids, a.max_new_tokens, eos, label="eager")
+    print("compiling with turbofx ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        cm = turbofx.compile(model, (ids,), kwargs, target=a.target, dynamic=True)
+    compile_s = time.perf_counter() - t0
+    print(f"  compiled in {compile_s:.1f}s", file=sys.stderr, flush=True)
+    tfx_tokens, tfx_s = greedy(lambda x: cm(x, **kwargs), ids, a.max_new_tokens, eos, label="turbofx")
+    report = turbofx.explain(cm)
+    print("\nanswer (turbofx):", _decode(tok, tfx_tokens))
+    same = tfx_tokens == eager_tokens
+    print(f"same tokens as eager greedy: {same}" + ("" if same else f"\n  eager: {_decode(tok, eager_tokens)}"))
+    print()
+    print(report)
+    print()
+    n_e, n_t = len(eager_tokens), len(tfx_tokens)
+    print(f"speed (greedy, full prefix each step, batch 1): eager {n_e / eager_s:.2f} tokens/s on {platform.machine()} "
+          f"CPU/ATen; turbofx {n_t / tfx_s:.2f} tokens/s on target {report.target}; compile {compile_s:.1f}s")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"same_tokens": same, "eager_tokens_per_s": n_e / eager_s, "turbofx_tokens_per_s": n_t / tfx_s,
+                       "compile_s": compile_s, "target": report.target, "answer": _decode(tok, tfx_tokens),
+                       "kernels": report.counts()}, f, indent=1)
+    return 0 if same else 1
+
+
+def cmd_doctor(a) -> int:
+    import torch
+    import triton
+    import transformers
+
+    import turbofx
+    from turbofx.codegen.target import detect
+
+    print(f"turbofx {turbofx.__version__}; python {platform.python_version()}; torch {torch.__version__}; "
+          f"triton {triton.__version__}; transformers {transformers.__version__}")
+    print(f"target: {detect().describe()}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"gpu {i}: {torch.cuda.get_device_name(i)}")
+    else:
+        print("gpu: none (kernels run in the Triton interpreter)")
+    try:
+        from turbofx.compiler.models import find_smollm2_gguf
+
+        print(f"smollm2: {find_smollm2_gguf()}")
+    except Exception as e:
+        print(f"smollm2: not available ({e})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="turbofx", description="Graph-level compiler for transformer models.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="compile a model and write a self-contained artifact")
+    e.add_argument("model", nargs="?", default="smollm2", help="smollm2 | llama | qwen2 | ... | pkg.module:factory")
+    _flag(e, "--output-dir", required=True)
+    _flag(e, "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    _flag(e, "--target", default=None)
+    r = sub.add_parser("run", help="load an artifact and generate greedily")
+    r.add_argument("artifact")
+    _flag(r, "--prompt", default=DEFAULT_PROMPT)
+    _flag(r, "--max-new-tokens", type=int, default=16)
+    d = sub.add_parser("demo", help="compile and run a model next to eager (the README's main job)")
+    d.add_argument("model", nargs="?", default="smollm2")
+    _flag(d, "--prompt", default=DEFAULT_PROMPT)
+    _flag(d, "--max-new-tokens", type=int, default=12)
+    _flag(d, "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    _flag(d, "--target", default=None)
+    _flag(d, "--json", default=None)
+    sub.add_parser("doctor", help="versions, target and GPU")
+    a = p.parse_args(argv)
+    from turbofx.errors import TurbofxError
+
+    try:
+        return {"export": cmd_export, "run": cmd_run, "demo": cmd_demo, "doctor": cmd_doctor}[a.cmd](a)
+    except TurbofxError as err:
+        print(f"turbofx: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
