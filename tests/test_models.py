@@ -1,0 +1,221 @@
+"""End-to-end: tiny random-weight HF models compiled by turbofx equal eager PyTorch.
+
+Every model is batch 2, seq 8, compared in fp32 at rtol=atol=1e-3. Kernels run in Triton's
+interpreter when there is no GPU, so shapes stay tiny.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.fx as fx
+
+import turbofx
+import turbofx.compiler.backend as backend
+from turbofx.compiler import driver
+from turbofx.compiler.models import TINY_CONFIGS, example_inputs, make_tiny_model
+
+from tests.helpers import assert_model_close
+
+aten = torch.ops.aten
+
+MODELS = ["llama", "qwen2", "qwen3", "mistral", "gpt2", "phi3", "bert"]
+NORM_LABEL = {"llama": "rmsnorm", "qwen2": "rmsnorm", "qwen3": "rmsnorm", "mistral": "rmsnorm",
+              "phi3": "rmsnorm", "gpt2": "layernorm", "bert": "layernorm"}
+BATCH, SEQ = 2, 8
+RTOL = ATOL = 1e-3
+
+
+def _layers_and_hidden(name: str) -> tuple[int, int]:
+    cfg = TINY_CONFIGS[name]()
+    return cfg.num_hidden_layers, cfg.hidden_size
+
+
+def _eager(model, args, kwargs):
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+@dataclass
+class Compiled:
+    name: str
+    model: torch.nn.Module
+    args: tuple
+    kwargs: dict
+    ref: object
+    compiled: torch.nn.Module
+    graph: fx.Graph  # the graph turbofx lowered (after its passes), for naming nodes in the report
+
+
+def _compile_with_graph(model, args, kwargs, **options):
+    """turbofx.compile, also handing back the graph it lowered (the report names its nodes)."""
+    seen = []
+    real_build = driver.build
+
+    def spy(captured, opts, *a, **kw):
+        out = real_build(captured, opts, *a, **kw)
+        seen.append(captured.gm.graph)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(driver, "build", spy)
+        compiled = turbofx.compile(model, args, kwargs, **options)
+    assert len(seen) == 1
+    return compiled, seen[0]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def tiny(request) -> Compiled:
+    name = request.param
+    model = make_tiny_model(name)
+    args, kwargs = example_inputs(name, batch=BATCH, seq=SEQ)
+    ref = _eager(model, args, kwargs)
+    compiled, graph = _compile_with_graph(model, args, kwargs)
+    return Compiled(name, model, args, kwargs, ref, compiled, graph)
+
+
+# ------------------------------------------------------------------ (a) turbofx.compile == eager
+
+def test_compile_matches_eager(tiny: Compiled):
+    out = tiny.compiled(*tiny.args, **tiny.kwargs)
+    assert_model_close(tiny.ref, out, rtol=RTOL, atol=ATOL)
+    # a second call (buffers reused from a planned pool) gives the same result
+    again = tiny.compiled(*tiny.args, **tiny.kwargs)
+    assert_model_close(tiny.ref, again, rtol=RTOL, atol=ATOL)
+
+
+# ------------------------------------------------------------------ (c) explain: generated kernels
+
+def _residual_adds(graph: fx.Graph, hidden_shape: tuple[int, ...]) -> list[str]:
+    """Adds of two tensors giving a hidden-state-shaped float result (residuals, embedding sums)."""
+    names = []
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target is not aten.add.Tensor:
+            continue
+        v = n.meta.get("val")
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != hidden_shape or not v.dtype.is_floating_point:
+            continue
+        if all(isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor) for a in n.args[:2]):
+            names.append(n.name)
+    return names
+
+
+def test_explain_norm_kernels(tiny: Compiled):
+    layers, _ = _layers_and_hidden(tiny.name)
+    report = turbofx.explain(tiny.compiled)
+    label = NORM_LABEL[tiny.name]
+    norms = [k for k in report.kernels if k.label == label]
+    assert norms, f"no {label} kernel in:\n{report}"
+    assert all(k.kind == "reduction" for k in norms), [(k.name, k.kind) for k in norms]
+    # every layer has two norms, plus the final (decoders) or embedding (bert) one
+    assert len(norms) >= 2 * layers + 1, f"{len(norms)} {label} kernels:\n{report}"
+    # nothing of a norm is left to ATen
+    left = [k.label for k in report.fallbacks if any(op in k.label for op in ("::mean.", "::rsqrt.", "::var"))]
+    assert not left, f"norm ops left to ATen: {left}"
+
+
+def test_explain_activation_kernels(tiny: Compiled):
+    layers, _ = _layers_and_hidden(tiny.name)
+    report = turbofx.explain(tiny.compiled)
+    acts = [k for k in report.generated if k.label == "activation"]
+    assert len(acts) >= layers, f"{len(acts)} activation kernels for {layers} MLPs:\n{report}"
+    assert all(k.kind == "pointwise" for k in acts)
+    ops = {n.rstrip("_0123456789") for k in acts for n in k.nodes}
+    assert ops & {"gelu", "sigmoid", "silu", "tanh", "erf"}, ops
+
+
+def test_explain_residual_adds_are_generated(tiny: Compiled):
+    layers, hidden = _layers_and_hidden(tiny.name)
+    report = turbofx.explain(tiny.compiled)
+    residual = _residual_adds(tiny.graph, (BATCH, SEQ, hidden))
+    assert len(residual) >= 2 * layers, f"found residual adds {residual}"
+    where = {n: k for k in report.kernels for n in k.nodes}
+    for name in residual:
+        assert name in where, f"{name} appears in no report record"
+        k = where[name]
+        assert k.kind != "extern", f"residual add {name} runs in ATen: {k.reason}"
+        assert k.kind in ("pointwise", "reduction")
+    # at least one elementwise kernel holds an add (e.g. RoPE / the attention mask / a residual)
+    assert any(k.kind == "pointwise" and any(n.rstrip("_0123456789") == "add" for n in k.nodes)
+               for k in report.generated) or tiny.name in ("gpt2", "bert")
+
+
+def test_explain_report_text(tiny: Compiled):
+    report = turbofx.explain(tiny.compiled)
+    text = str(report)
+    assert "generated kernels" in text
+    assert f"reduction/{NORM_LABEL[tiny.name]}" in text
+    assert report.counts().get("reduction", 0) >= 1 and report.counts().get("pointwise", 0) >= 1
+    # matmuls go to ATen, with the reason recorded
+    assert any("matmul" in k.reason for k in report.fallbacks)
+    assert all(k.reason for k in report.kernels if k.kind == "extern")
+
+
+# ------------------------------------------------------------------ (b) torch.compile backend
+
+@pytest.mark.parametrize("name", MODELS)
+def test_torch_compile_backend(name):
+    torch._dynamo.reset()
+    model = make_tiny_model(name)
+    args, kwargs = example_inputs(name, batch=BATCH, seq=SEQ)
+    ref = _eager(model, args, kwargs)
+    graphs0, calls0 = backend.stats["graphs"], backend.stats["calls"]
+    compiled = torch.compile(model, backend="turbofx")
+    with torch.no_grad():
+        out = compiled(*args, **kwargs)
+    assert backend.stats["graphs"] > graphs0, "the turbofx backend compiled no graph"
+    assert backend.stats["calls"] > calls0
+    assert_model_close(ref, out, rtol=RTOL, atol=ATOL)
+    report = turbofx.explain(compiled)
+    assert any(k.label == NORM_LABEL[name] and k.kind == "reduction" for k in report.generated), str(report)
+    # same inputs again: no recompilation, same result
+    graphs1 = backend.stats["graphs"]
+    with torch.no_grad():
+        again = compiled(*args, **kwargs)
+    assert backend.stats["graphs"] == graphs1
+    assert_model_close(ref, again, rtol=RTOL, atol=ATOL)
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ llama variants
+
+def test_llama_fp16():
+    model = make_tiny_model("llama", dtype=torch.float16)
+    args, kwargs = example_inputs("llama", batch=BATCH, seq=SEQ)
+    ref16 = _eager(model, args, kwargs)
+    compiled = turbofx.compile(model, args, kwargs)
+    out = compiled(*args, **kwargs)
+    assert out.logits.dtype == torch.float16
+    assert_model_close(ref16, out, rtol=1e-2, atol=1e-2)
+    # the kernels compute in fp32: the result is also close to the fp32 model (same seed, same weights)
+    ref32 = _eager(make_tiny_model("llama"), args, kwargs)
+    torch.testing.assert_close(out.logits.float(), ref32.logits, rtol=1e-2, atol=1e-2)
+    assert out.logits.isfinite().all()
+    assert any(k.label == "rmsnorm" for k in turbofx.explain(compiled).generated)
+
+
+def test_llama_eager_attention_softmax_kernel():
+    model = make_tiny_model("llama", attn_implementation="eager")
+    args, kwargs = example_inputs("llama", batch=BATCH, seq=SEQ)
+    ref = _eager(model, args, kwargs)
+    compiled = turbofx.compile(model, args, kwargs)
+    assert_model_close(ref, compiled(*args, **kwargs), rtol=RTOL, atol=ATOL)
+    report = turbofx.explain(compiled)
+    softmax = [k for k in report.kernels if k.label == "softmax"]
+    layers, _ = _layers_and_hidden("llama")
+    assert len(softmax) == layers, str(report)
+    assert all(k.kind == "reduction" for k in softmax)
+    assert not any("_softmax" in k.label or "amax" in k.label for k in report.fallbacks)
+
+
+def test_llama_dynamic_seq():
+    model = make_tiny_model("llama")
+    args, kwargs = example_inputs("llama", batch=BATCH, seq=SEQ)
+    compiled = turbofx.compile(model, args, kwargs, dynamic=True)
+    for seq in (8, 5, 11):
+        a, kw = example_inputs("llama", batch=BATCH, seq=seq, seed=seq)
+        ref = _eager(model, a, kw)
+        out = compiled(*a, **kw)
+        assert out.logits.shape == (BATCH, seq, TINY_CONFIGS["llama"]().vocab_size)
+        assert_model_close(ref, out, rtol=RTOL, atol=ATOL)
