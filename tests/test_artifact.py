@@ -1,0 +1,120 @@
+"""Artifact round trip (fresh process, no model source), corruption, version mismatch, atomicity."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import turbofx
+from turbofx.compiler.models import example_inputs, make_tiny_model
+from turbofx.errors import ArtifactError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    model = make_tiny_model("llama")
+    args, kwargs = example_inputs("llama", batch=2, seq=8)
+    out = tmp_path_factory.mktemp("art") / "llama"
+    turbofx.export(model, args, kwargs, output_dir=out)
+    with torch.no_grad():
+        ref = model(*args, **kwargs).logits
+    torch.save({"args": args, "kwargs": kwargs, "ref": ref}, out.parent / "io.pt")
+    return out
+
+
+def test_round_trip_in_fresh_process(artifact):
+    # The child imports neither transformers' model code nor the factory: only turbofx.load.
+    code = textwrap.dedent(f"""
+        import sys, torch, turbofx
+        io = torch.load({str(artifact.parent / 'io.pt')!r}, weights_only=False)
+        cm = turbofx.load({str(artifact)!r})
+        out = cm(*io["args"], **io["kwargs"])
+        torch.testing.assert_close(out.logits, io["ref"], rtol=1e-3, atol=1e-3)
+        print("OK", type(out).__name__, sorted(m for m in sys.modules if m.startswith("transformers.models.llama")))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK CausalLMOutputWithPast" in r.stdout
+    assert "modeling_llama" not in r.stdout  # ran without the model's source
+
+
+def test_layout(artifact):
+    names = {p.name for p in artifact.iterdir()}
+    assert {"program.json", "meta.json", "weights.safetensors", "kernels"} <= names
+    meta = json.loads((artifact / "meta.json").read_text())
+    assert meta["versions"]["torch"] == torch.__version__
+    assert any(p.suffix == ".py" for p in (artifact / "kernels").iterdir())
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupt_weights_raise(artifact, tmp_path):
+    bad = _copy(artifact, tmp_path / "bad")
+    w = bad / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-10:] = b"\x00" * 10
+    w.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="corrupt"):
+        turbofx.load(bad)
+
+
+def test_corrupt_meta_raises(artifact, tmp_path):
+    bad = _copy(artifact, tmp_path / "bad")
+    (bad / "meta.json").write_text("{ not json")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        turbofx.load(bad)
+
+
+def test_version_mismatch_raises(artifact, tmp_path):
+    bad = _copy(artifact, tmp_path / "old")
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["versions"]["torch"] = "1.13.0"
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="torch 1.13.0"):
+        turbofx.load(bad)
+
+
+def test_not_an_artifact(tmp_path):
+    with pytest.raises(ArtifactError, match="not a turbofx artifact"):
+        turbofx.load(tmp_path)
+
+
+def test_failed_export_leaves_nothing(tmp_path):
+    class Bad(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: export refuses
+                return x + 1
+            return x - 1
+
+    out = tmp_path / "never"
+    with pytest.raises(turbofx.TurbofxError):
+        turbofx.export(Bad(), (torch.randn(3),), output_dir=out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_and_run(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = tmp_path / "cli_art"
+    r = subprocess.run([sys.executable, "-m", "turbofx.compiler.cli", "export", "qwen2", "--output_dir", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "turbofx.compiler.cli", "run", str(out), "--prompt", "hello there",
+                        "--max-new-tokens", "3"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "tokens/s" in r.stdout
+    assert len(r.stdout.splitlines()[0].split()) == 3  # three token ids (no tokenizer for tiny models)
