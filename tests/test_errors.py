@@ -103,9 +103,6 @@ def test_keyword_input_is_named(llama_kw):
     assert "input_ids" in msg and "expected rank 2" in msg and "got rank 1" in msg, msg
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "turbofx bug: positional inputs are named by pytree path ('args[0]'), not by the forward() "
-    "parameter name: capture.capture_module/_path_name never bind args to the signature"))
 def test_positional_input_is_named_by_parameter(llama):
     _, (ids,), kwargs, compiled = llama
     msg = _mismatch(lambda: compiled(ids[0], **kwargs))
@@ -153,8 +150,8 @@ class _Silu(torch.nn.Module):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "turbofx bug: explain() of a torch.compile'd module returns the last report compiled in the "
-    "process (backend.reports_of ignores its argument), not that module's"))
+    "known limit: the torch.compile door finds a module's reports through the parameter/buffer "
+    "tensors its graphs took as inputs; a module with neither cannot be matched (explain raises)"))
 def test_explain_torch_compiled_is_per_module():
     torch._dynamo.reset()
     x = torch.randn(3, 5)
@@ -168,9 +165,6 @@ def test_explain_torch_compiled_is_per_module():
     assert "softmax" in labels_a, labels_a
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "turbofx bug: explain() of a module turbofx never compiled returns an unrelated report once "
-    "any graph went through backend='turbofx' (driver.explain falls back to reports_of()[-1])"))
 def test_explain_plain_module_raises_after_backend_use():
     torch._dynamo.reset()
     b = torch.compile(_Silu(), backend="turbofx")

@@ -14,9 +14,17 @@ stats = {"graphs": 0, "calls": 0}
 _reports: list = []
 
 
-def reports_of(_compiled=None) -> list:
-    """Reports of every graph this process compiled through the torch.compile door, in order."""
-    return list(_reports)
+def reports_of(compiled) -> list:
+    """Reports of the graphs compiled through the torch.compile door for ``compiled`` (an
+    OptimizedModule or the module it wraps): matched by the parameter/buffer tensors the graphs
+    took as inputs."""
+    import torch
+
+    module = getattr(compiled, "_orig_mod", compiled)
+    if not isinstance(module, torch.nn.Module):
+        return []
+    ptrs = {t.data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+    return [r for r in _reports if r.input_ptrs & ptrs]
 
 
 def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict | None = None, **kwargs):
@@ -26,7 +34,11 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
     from turbofx.compiler.capture import capture_aot_graph, decomposition_table
     from turbofx.compiler.driver import Options, build
 
+    import torch
+
     opts = Options.make(mode=mode, **dict(options or {}), **kwargs)
+    input_ptrs = frozenset(t.data_ptr() for t in example_inputs
+                           if isinstance(t, torch.Tensor) and t.device.type != "meta")
     if mode not in (None, "default"):
         log.info("mode=%r accepted; CUDA-graph replay arrives with the runtime issue", mode)
 
@@ -34,6 +46,7 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
         t0 = time.perf_counter()
         captured = capture_aot_graph(fx_graph, inputs)
         program, report, _, _ = build(captured, opts, time.perf_counter() - t0)
+        report.input_ptrs = input_ptrs
         _reports.append(report)
         stats["graphs"] += 1
 

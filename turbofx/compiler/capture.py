@@ -128,7 +128,8 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: 
     state = {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
     flat_user, _ = pytree.tree_flatten((args, kwargs))
     paths, _ = pytree.tree_flatten_with_path((args, kwargs))
-    names = [_path_name(p) for p, _ in paths]
+    params = list(inspect.signature(module.forward).parameters)
+    names = [_path_name(p, params) for p, _ in paths]
     return CapturedGraph(
         gm=ep.graph_module, inputs=inputs, outputs=outputs, state=state,
         in_spec=ep.call_spec.in_spec, out_spec=ep.call_spec.out_spec,
@@ -136,14 +137,18 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: 
     )
 
 
-def _path_name(path) -> str:
-    """((0, 1), ...) key path -> 'args[1]' / 'kwargs['input_ids']' style name."""
-    s = pytree.keystr(path)
-    if s.startswith("[0]"):
-        return "args" + s[3:]
-    if s.startswith("[1]"):
-        return "kwargs" + s[3:]
-    return s
+def _path_name(path, params: list[str]) -> str:
+    """Key path into (args, kwargs) -> the forward() parameter it feeds, e.g. 'input_ids' or
+    'past[0]'."""
+    if len(path) < 2:
+        return pytree.keystr(path)
+    group, first, rest = path[0].idx, path[1], pytree.keystr(path[2:])
+    if group == 0:
+        i = first.idx
+        name = params[i] if i < len(params) else f"args[{i}]"
+    else:
+        name = first.key
+    return f"{name}{rest}"
 
 
 def capture_aot_graph(gm: fx.GraphModule, example_inputs: list) -> CapturedGraph:

@@ -55,6 +55,7 @@ class Report:
     kernels: list[KernelRecord] = field(default_factory=list)
     passes: list[PassRecord] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    input_ptrs: frozenset = frozenset()  # torch.compile door: tensors the graph took, to find its module
 
     @property
     def generated(self) -> list[KernelRecord]:
@@ -232,8 +233,16 @@ def explain(compiled) -> Report:
         from turbofx.compiler.backend import reports_of
 
         reps = reports_of(compiled)
-        if reps:
-            return reps[-1]
+        if len(reps) == 1:
+            return reps[0]
+        if reps:  # graph breaks or recompiles: one report over every graph of this module
+            merged = Report(target=reps[0].target)
+            for r in reps:
+                merged.kernels += r.kernels
+                merged.passes += r.passes
+                for k, v in r.stage_seconds.items():
+                    merged.stage_seconds[k] = merged.stage_seconds.get(k, 0.0) + v
+            return merged
         from turbofx.errors import TurbofxError
 
         raise TurbofxError("this object was not compiled by turbofx (nothing to explain)")

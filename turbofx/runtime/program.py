@@ -167,8 +167,8 @@ class Program:
 
         def run(values: list, env: dict) -> None:
             for v, shape, stride, dtype, device, reuse in allocs:
-                if reuse is not None:
-                    values[v] = values[reuse]
+                if reuse is not None:  # planned reuse: the dead buffer's tensor moves over
+                    values[v], values[reuse] = values[reuse], None
                 else:
                     values[v] = torch.empty_strided([_eval(c, env) for c in shape], [_eval(c, env) for c in stride],
                                                     dtype=dtype, device=device)
