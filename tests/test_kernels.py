@@ -12,6 +12,30 @@ import turbofx
 FP32 = dict(rtol=1e-5, atol=1e-5)
 FP16 = dict(rtol=1e-3, atol=1e-3)
 
+# turbofx bug (codegen/kernel.py, generate(): ``consumer_idx = index_of(n)``): when a reduction's
+# input comes from outside its region (the region *starts* with the reduction, e.g. x.sum(-1),
+# x.amax(-1), or the mean of a LayerNorm applied to a graph input), the load is indexed like the
+# reduction's *row* output ([i0]) instead of the full [i0, rindex] domain: each row reads one wrong
+# element (offset (C+1)*row) broadcast over the row, out of bounds for the later rows.
+REGION_START_REDUCTION_BUG = pytest.mark.xfail(strict=True, reason=(
+    "turbofx bug: a reduction whose input is loaded from outside its kernel indexes that load with "
+    "the row indices only (kernel.py generate(): index_of(n) of the reduction node), reading "
+    "x[(C+1)*row] instead of the row"))
+
+# turbofx bug (codegen/ops.py: relu/maximum/minimum/clamp use tl.maximum/tl.minimum without
+# propagate_nan): NaN is dropped where eager PyTorch propagates it.
+NAN_PROPAGATION_BUG = pytest.mark.xfail(strict=True, reason=(
+    "turbofx bug: relu/maximum/minimum/clamp templates use tl.maximum/tl.minimum, which do not "
+    "propagate NaN (eager does); needs propagate_nan=tl.PropagateNan.ALL"))
+
+
+def logits(*shape, dtype=torch.float32):
+    """Random logits whose first column is very negative (a masked position): eager softmax is
+    exact; a softmax that subtracts a wrong row max overflows."""
+    x = torch.randn(*shape) * 4
+    x[..., 0] = -1000.0
+    return x.to(dtype)
+
 
 class Fn(torch.nn.Module):
     """Wraps a function of tensors (plus optional parameters) as a module to compile."""
@@ -115,7 +139,30 @@ def test_sigmoid_relu_and_friends():
         return torch.sigmoid(x) + torch.relu(x) * x.abs().sqrt() - torch.exp(-x.abs()) + x.clamp(-0.5, 0.5)
 
     _, rep = run(Fn(f), torch.randn(5, 7))
-    assert len(generated(rep, "pointwise")) == 1, str(rep)
+    # (ops that read only graph inputs each start a kernel: producer/consumer fusion only)
+    assert generated(rep, "pointwise") and not rep.fallbacks, str(rep)
+    assert all(k.kind == "pointwise" for k in rep.generated)
+
+
+def test_pointwise_chain_is_one_kernel():
+    m = Fn(lambda s, x: torch.sigmoid((x * 2 + 1).abs().sqrt() - 0.5).clamp(0.1, 0.9) * x)
+    _, rep = run(m, torch.randn(5, 7))
+    assert len(rep.generated) == 1 and rep.generated[0].kind == "pointwise", str(rep)
+
+
+@NAN_PROPAGATION_BUG
+@pytest.mark.parametrize("op", ["relu", "maximum", "clamp"])
+def test_nan_propagates(op):
+    fn = {"relu": lambda s, x: torch.relu(x * 1.0),
+          "maximum": lambda s, x: torch.maximum(x * 1.0, torch.zeros_like(x)),
+          "clamp": lambda s, x: (x * 1.0).clamp(-1.0, 1.0)}[op]
+    x = torch.randn(8)
+    x[::3] = float("nan")
+    with torch.no_grad():
+        ref = Fn(fn)(x)
+    assert ref.isnan().sum() == 3
+    compiled = turbofx.compile(Fn(fn), (x,))
+    torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 def test_where():
@@ -180,36 +227,74 @@ def test_fp16_to_float_cast_out():
 
 # ------------------------------------------------------------------ reductions
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.float16, FP16)], ids=["fp32", "fp16"])
+DTYPES = [pytest.param(torch.float32, FP32, id="fp32"), pytest.param(torch.float16, FP16, id="fp16")]
+
+
+@REGION_START_REDUCTION_BUG
+@pytest.mark.parametrize("dtype,tol", DTYPES)
 def test_softmax(dtype, tol):
-    x = torch.randn(3, 5, 7, dtype=dtype) * 4
-    out, rep = run(Fn(lambda s, x: torch.softmax(x, -1)), x, tol=tol)
-    ks = generated(rep, "reduction", "softmax")
-    assert len(ks) == 1, str(rep)
+    out, rep = run(Fn(lambda s, x: torch.softmax(x, -1)), logits(3, 5, 7, dtype=dtype), tol=tol)
+    assert len(generated(rep, "reduction", "softmax")) == 1, str(rep)
     torch.testing.assert_close(out.float().sum(-1), torch.ones(3, 5), rtol=1e-3, atol=1e-3)
 
 
-def test_softmax_with_masked_rows():
-    x = torch.randn(2, 4, 6)
-    x[0, 1, 2:] = float("-inf")
-    _, rep = run(Fn(lambda s, x: torch.softmax(x, -1)), x)
-    assert generated(rep, "reduction", "softmax"), str(rep)
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_softmax_with_prologue(dtype, tol):
+    """Attention-style softmax(scale * x + mask): the reduction's input is computed in-kernel."""
+    mask = torch.zeros(5, 7)
+    mask[:, 4:] = float("-inf")
+    m = Fn(lambda s, x: torch.softmax(x * 0.5 + s.mask, -1), mask=mask.to(dtype))
+    out, rep = run(m, logits(3, 5, 7, dtype=dtype), tol=tol)
+    ks = generated(rep, "reduction", "softmax")
+    assert len(ks) == 1, str(rep)
+    assert {"mul", "add", "amax", "exp", "sum"} <= ops_of(ks[0])
+    assert (out[..., 4:] == 0).all()
+    torch.testing.assert_close(out.float().sum(-1), torch.ones(3, 5), rtol=1e-3, atol=1e-3)
 
 
+@REGION_START_REDUCTION_BUG
 def test_log_softmax():
-    _, rep = run(Fn(lambda s, x: torch.log_softmax(x, -1)), torch.randn(3, 5, 7) * 4)
+    _, rep = run(Fn(lambda s, x: torch.log_softmax(x, -1)), logits(3, 5, 7))
     assert generated(rep, "reduction", "log_softmax"), str(rep)
 
 
-def test_layer_norm():
-    ln = torch.nn.LayerNorm(7)
+def test_log_softmax_with_prologue():
+    _, rep = run(Fn(lambda s, x: torch.log_softmax(x / 2, -1)), logits(3, 5, 7))
+    assert generated(rep, "reduction", "log_softmax"), str(rep)
+
+
+def _layer_norm(dim):
+    ln = torch.nn.LayerNorm(dim)
     with torch.no_grad():
         ln.weight.normal_()
         ln.bias.normal_()
-    _, rep = run(ln.eval(), torch.randn(3, 5, 7) * 2 + 1)
+    return ln.eval()
+
+
+@REGION_START_REDUCTION_BUG
+def test_layer_norm():
+    _, rep = run(_layer_norm(8), torch.randn(2, 3, 8) * 2 + 1)
     ks = generated(rep, "reduction", "layernorm")
     assert len(ks) == 1, str(rep)
     assert not rep.fallbacks, str(rep)
+
+
+def test_layer_norm_after_residual_add():
+    ln = _layer_norm(8)
+    m = Fn(lambda s, x, r: s.ln(x + r))
+    m.ln = ln
+    _, rep = run(m, torch.randn(2, 3, 8) * 2 + 1, torch.randn(2, 3, 8))
+    ks = generated(rep, "reduction", "layernorm")
+    assert len(ks) == 1, str(rep)
+    assert "add" in ops_of(ks[0]) and not rep.fallbacks, str(rep)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_layer_norm_after_residual_add_dtypes(dtype, tol):
+    m = Fn(lambda s, x, r: F.layer_norm(x + r, (8,), s.w, s.b, 1e-5),
+           w=torch.randn(8, dtype=dtype), b=torch.randn(8, dtype=dtype))
+    _, rep = run(m, torch.randn(3, 8, dtype=dtype), torch.randn(3, 8, dtype=dtype), tol=tol)
+    assert generated(rep, "reduction", "layernorm"), str(rep)
 
 
 def test_rmsnorm_by_hand():
@@ -234,14 +319,45 @@ def test_rmsnorm_fp16():
     assert generated(rep, "reduction", "rmsnorm"), str(rep)
 
 
-@pytest.mark.parametrize("op", ["sum", "mean", "amax", "amin"])
-def test_last_dim_reductions(op):
-    fn = {"sum": lambda s, x: x.sum(-1), "mean": lambda s, x: x.mean(-1, keepdim=True),
-          "amax": lambda s, x: x.amax(-1), "amin": lambda s, x: x.amin(-1)}[op]
-    _, rep = run(Fn(fn), torch.randn(3, 13))  # 13: the row is masked to a power-of-two block
+REDUCE = {"sum": lambda x: x.sum(-1), "mean": lambda x: x.mean(-1, keepdim=True),
+          "amax": lambda x: x.amax(-1), "amin": lambda x: x.amin(-1)}
+
+
+def _rows():
+    x = torch.randn(3, 13)  # 13: the row is masked to a power-of-two block
+    x[:, -1], x[:, -2] = 10.0, -10.0  # each row's max and min sit at its end
+    return x
+
+
+@REGION_START_REDUCTION_BUG
+@pytest.mark.parametrize("op", list(REDUCE))
+def test_last_dim_reduction_of_input(op):
+    _, rep = run(Fn(lambda s, x: REDUCE[op](x)), _rows())
     assert len(generated(rep, "reduction")) == 1, str(rep)
 
 
+@pytest.mark.parametrize("op", list(REDUCE))
+def test_last_dim_reduction_with_prologue(op):
+    _, rep = run(Fn(lambda s, x: REDUCE[op](x * 1.5 - 0.25)), _rows())
+    ks = generated(rep, "reduction")
+    assert len(ks) == 1 and {"mul", "sub"} <= ops_of(ks[0]), str(rep)
+
+
+@pytest.mark.parametrize("op", ["sum", "amax"])
+def test_last_dim_reduction_fp16(op):
+    _, rep = run(Fn(lambda s, x: REDUCE[op](x * 1.0)), torch.randn(4, 40, dtype=torch.float16), tol=FP16)
+    assert len(generated(rep, "reduction")) == 1, str(rep)
+
+
+def test_integer_and_bool_sums():
+    m = Fn(lambda s, x: ((x * 2).sum(-1), (x > 0).sum(-1) + 0))
+    x = torch.randint(-9, 9, (4, 6))
+    out, rep = run(m, x, tol=dict(rtol=0, atol=0))
+    assert out[0].dtype == torch.int64 and out[1].dtype == torch.int64
+    assert len(generated(rep, "reduction")) == 2, str(rep)
+
+
+@REGION_START_REDUCTION_BUG
 def test_reduction_with_epilogue_broadcast():
     m = Fn(lambda s, x: x - x.mean(-1, keepdim=True) * 0.5 + x.amax(-1, keepdim=True))
     _, rep = run(m, torch.randn(4, 9))
@@ -267,20 +383,36 @@ def test_reduction_over_middle_dim():
 
 # ------------------------------------------------------------------ graph shape
 
+def test_reduction_with_prologue_and_epilogue():
+    m = Fn(lambda s, x: (x * 2) - (x * 2).mean(-1, keepdim=True) * 0.5 + (x * 2).amax(-1, keepdim=True))
+    _, rep = run(m, torch.randn(4, 9))
+    assert len(generated(rep, "reduction")) == 1, str(rep)
+
+
 def test_multiple_outputs():
-    m = Fn(lambda s, x: (x + 1, torch.softmax(x, -1), x.sum(-1)))
+    m = Fn(lambda s, x: (x + 1, torch.softmax(x * 2, -1), (x * 3).sum(-1)))
     out, rep = run(m, torch.randn(3, 4))
     assert isinstance(out, tuple) and len(out) == 3
+    assert {k.label for k in rep.generated} >= {"softmax", "elementwise"}, str(rep)
 
 
-def test_output_is_input_alias_free():
-    m = Fn(lambda s, x: x.view(2, 6))
+def test_output_does_not_alias_input():
+    m = Fn(lambda s, x: x * 1.0 + 0.0)
     x = torch.randn(3, 4)
-    out, _ = run(m, x)
-    out.add_(1)  # writing the output must not write the caller's input... unless eager aliases too
-    with torch.no_grad():
-        ref_out = m(x.clone())
-    assert ref_out.data_ptr() != 0
+    compiled = turbofx.compile(m, (x,))
+    out = compiled(x)
+    assert out.data_ptr() != x.data_ptr()
+    before = x.clone()
+    out.add_(1)
+    assert torch.equal(x, before)
+
+
+def test_repeated_calls_with_new_data():
+    m = Fn(lambda s, x: torch.softmax(x * 3, -1) * x)
+    compiled = turbofx.compile(m, (torch.randn(2, 5),))
+    for _ in range(3):
+        x = torch.randn(2, 5)
+        torch.testing.assert_close(compiled(x), torch.softmax(x * 3, -1) * x, **FP32)
 
 
 def test_dynamic_pointwise_and_reduction():
@@ -301,7 +433,10 @@ def test_dump_dir_writes_stages_and_kernels(tmp_path):
     compiled = turbofx.compile(Fn(f), (torch.randn(3, 5),), dump_dir=str(d))
     rep = turbofx.explain(compiled)
     stages = sorted(p.name for p in d.glob("*.py"))
-    assert stages == ["00_captured.py", "01_canonicalize.py", "02_fusion.py"], stages
+    # 00_captured, then one file per pass in order (01_canonicalize, 02_<fusion pass>)
+    assert len(stages) == 3, stages
+    assert stages[0] == "00_captured.py" and stages[1] == "01_canonicalize.py", stages
+    assert stages[2].startswith("02_fus"), stages
     for name in stages:
         text = (d / name).read_text()
         assert "aten" in text and "def forward" in text, name
@@ -317,7 +452,7 @@ def test_dump_dir_writes_stages_and_kernels(tmp_path):
 def test_turbofx_dump_env(tmp_path, monkeypatch):
     monkeypatch.setenv("TURBOFX_DUMP", str(tmp_path))
     compiled = turbofx.compile(Fn(lambda s, x: x * 3 + 1), (torch.randn(4),))
-    assert (tmp_path / "02_fusion.py").is_file()
+    assert (tmp_path / "00_captured.py").is_file() and len(list(tmp_path.glob("02_*.py"))) == 1
     names = {k.name for k in turbofx.explain(compiled).generated}
     assert names and {p.stem for p in (tmp_path / "kernels").glob("*.py")} == names
 
