@@ -230,8 +230,11 @@ def test_fp16_to_float_cast_out():
 DTYPES = [pytest.param(torch.float32, FP32, id="fp32"), pytest.param(torch.float16, FP16, id="fp16")]
 
 
-@REGION_START_REDUCTION_BUG
-@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("dtype,tol", [
+    # fp32: amax reads the graph input directly (the bug); fp16: the kernel first upcasts in-kernel
+    pytest.param(torch.float32, FP32, id="fp32", marks=REGION_START_REDUCTION_BUG),
+    pytest.param(torch.float16, FP16, id="fp16"),
+])
 def test_softmax(dtype, tol):
     out, rep = run(Fn(lambda s, x: torch.softmax(x, -1)), logits(3, 5, 7, dtype=dtype), tol=tol)
     assert len(generated(rep, "reduction", "softmax")) == 1, str(rep)
@@ -361,7 +364,7 @@ def test_integer_and_bool_sums():
 def test_reduction_with_epilogue_broadcast():
     m = Fn(lambda s, x: x - x.mean(-1, keepdim=True) * 0.5 + x.amax(-1, keepdim=True))
     _, rep = run(m, torch.randn(4, 9))
-    assert len(generated(rep, "reduction")) == 1, str(rep)
+    assert generated(rep, "reduction") and not rep.fallbacks, str(rep)
 
 
 def test_reduction_over_non_last_dim_falls_back():

@@ -8,12 +8,10 @@ failed export leaves nothing behind.
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import tempfile
 import time
@@ -43,11 +41,36 @@ def _sha(path: Path) -> str:
 
 
 def _spec_dump(spec) -> str | None:
-    return None if spec is None else base64.b64encode(pickle.dumps(spec)).decode()
+    """Pytree specs as torch's JSON form (types by registered name, e.g. HF ModelOutputs)."""
+    import torch.utils._pytree as pytree
+
+    return None if spec is None else pytree.treespec_dumps(spec)
 
 
 def _spec_load(s):
-    return None if s is None else pickle.loads(base64.b64decode(s))
+    import importlib
+
+    import torch.utils._pytree as pytree
+
+    if s is None:
+        return None
+
+    def types(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("type"), str):
+                yield node["type"]
+            for v in node.values():
+                yield from types(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from types(v)
+
+    for t in set(types(json.loads(s))):  # importing a type's module registers it with pytree
+        try:
+            importlib.import_module(t.rsplit(".", 1)[0])
+        except ImportError as e:
+            raise ArtifactError(f"the artifact returns {t}, whose module cannot be imported here ({e})") from None
+    return pytree.treespec_loads(s)
 
 
 def _expected_json(expected: list) -> list:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,8 +85,8 @@ def _dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict):
         raise CaptureError(f"example inputs do not match {type(module).__name__}.forward: {e}") from e
     auto = torch.export.Dim.AUTO
 
-    def spec(v):
-        return {d: auto for d in range(v.dim())} if isinstance(v, torch.Tensor) else None
+    def spec(v):  # size-1 dims stay static (export would specialise them anyway, with a warning)
+        return {d: auto for d in range(v.dim()) if v.shape[d] != 1} if isinstance(v, torch.Tensor) else None
 
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
@@ -94,8 +95,10 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: 
     """torch.export (non-strict) -> run_decompositions -> CapturedGraph."""
     dyn = _dynamic_shapes(module, args, kwargs) if dynamic else None
     try:
-        ep = torch.export.export(module, args, kwargs, dynamic_shapes=dyn, strict=False)
-        ep = ep.run_decompositions(decomposition_table())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
+            ep = torch.export.export(module, args, kwargs, dynamic_shapes=dyn, strict=False)
+            ep = ep.run_decompositions(decomposition_table())
     except Exception as e:  # export failures are user-facing: say what to try
         raise CaptureError(
             f"torch.export could not capture {type(module).__name__}: {type(e).__name__}: {str(e)[:2000]}\n"

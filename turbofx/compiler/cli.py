@@ -179,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     _flag(d, "--json", default=None)
     sub.add_parser("doctor", help="versions, target and GPU")
     a = p.parse_args(argv)
+    import logging
+    import os
+
+    if not os.environ.get("TURBOFX_LOG"):  # progress of long steps on stderr
+        logging.basicConfig(format="  turbofx: %(message)s", stream=sys.stderr)
+        logging.getLogger("turbofx").setLevel(logging.INFO)
     from turbofx.errors import TurbofxError
 
     try:

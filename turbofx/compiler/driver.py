@@ -105,10 +105,12 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0):
         with unset_fake_temporarily():
             flat_example = _graph_example_inputs(captured)
     ctx = PassContext(example_inputs=flat_example)
+    log.info("passes over %d graph nodes", len(captured.gm.graph.nodes))
     pm = PassManager([canonicalize, fuse], verify=opts.verify, dump_dir=opts.dump_dir)
     report.passes = pm.run(captured.gm, ctx)
     t1 = time.perf_counter()
     refusals = {name: why for rec in report.passes for name, why in rec.refused}
+    log.info("generating %d kernels for %s", len(ctx.regions), target.describe())
     lowered = lower(captured.gm, ctx.regions, target, refusals)
     kernels = {name: cache.load(name, src, target) for name, src in lowered.sources.items()}
     lowered.program["target"] = {"backend": target.backend, "arch": target.arch}
@@ -219,6 +221,7 @@ def compile(module: torch.nn.Module, example_args: tuple = (), example_kwargs: d
     if not isinstance(example_args, tuple):
         example_args = (example_args,)
     t0 = time.perf_counter()
+    log.info("capturing %s with torch.export%s", type(module).__name__, " (dynamic sizes)" if opts.dynamic else "")
     with torch.no_grad():
         captured = capture_module(module, example_args, example_kwargs, dynamic=opts.dynamic)
     program, report, _, _ = build(captured, opts, time.perf_counter() - t0)
