@@ -63,11 +63,11 @@ class _Partition:
     def _span_max(self, unit) -> int:
         return max(self.order[m] for m in unit.nodes) if isinstance(unit, Region) else self.order[unit]
 
-    def creates_cycle(self, region: Region, n: fx.Node) -> bool:
-        """Would adding ``n`` give a path region -> (outside) -> n?  Walks back from n's outside
-        inputs over contracted regions, pruned by graph order."""
+    def reaches(self, region: Region, starts) -> bool:
+        """Is there a path region -> (outside) -> any of ``starts``? Walks back over contracted
+        regions, pruned by graph order."""
         lo = min(self.order[m] for m in region.nodes)
-        stack = [a for a in n.all_input_nodes if a not in region.members]
+        stack = [a for a in starts if a not in region.members]
         seen: set = set()
         while stack:
             x = stack.pop()
@@ -81,6 +81,27 @@ class _Partition:
             for m in members:
                 stack.extend(a for a in m.all_input_nodes if self.order[a] >= lo or a in region.members)
         return False
+
+    def creates_cycle(self, region: Region, n: fx.Node) -> bool:
+        return self.reaches(region, n.all_input_nodes)
+
+    def try_merge(self, r: Region, q: Region, rec: PassRecord) -> None:
+        """Merge producer region ``q`` into ``r`` (both feed one node) when one kernel can hold both."""
+        if not same_shape(q.full, r.full):
+            return
+        both = r.members | q.members
+        outside_r = [a for m in r.nodes for a in m.all_input_nodes if a not in both]
+        outside_q = [a for m in q.nodes for a in m.all_input_nodes if a not in both]
+        if self.reaches(q, outside_r) or self.reaches(r, outside_q):
+            rec.refused.append((q.nodes[-1].name, f"region {q.id} not merged into {r.id}: would create a cycle"))
+            return
+        if q.kind == "reduction":
+            r.kind = "reduction"
+        for m in q.nodes:
+            r.members.add(m)
+            self.region_of[m] = r
+        r.nodes = sorted(r.nodes + q.nodes, key=self.order.__getitem__)
+        q.nodes, q.members = [], set()
 
     def new_region(self, n: fx.Node, role: str) -> Region:
         if role == "reduction":
@@ -102,6 +123,9 @@ class _Partition:
                     r.kind = "reduction"
                 r.add(n)
                 self.region_of[n] = r
+                for q in producers:  # the other producers of n may fit in the same kernel
+                    if q is not r and q.nodes:
+                        self.try_merge(r, q, rec)
                 return
             rec.refused.append((n.name, f"not fused into region {r.id}: {why}"))
         if role == "view":
