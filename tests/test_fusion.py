@@ -45,3 +45,35 @@ def test_independent_producers_merge_into_one_kernel():
     kernels = _generated(cm)
     assert len(kernels) == 1, [k.nodes for k in kernels]
     assert {"sigmoid", "tanh", "add"} <= {n.rstrip("_0123456789") for n in kernels[0].nodes}
+
+
+class _Rope(torch.nn.Module):
+    """rotate_half as HF writes it: slices, neg, cat; then q*cos + rot(q)*sin."""
+
+    def forward(self, q, cos, sin):
+        half = q.shape[-1] // 2
+        rot = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+        return q * cos + rot * sin
+
+
+def test_cat_is_generated_and_fuses_with_its_consumers():
+    q, cos, sin = torch.randn(2, 3, 5, 8), torch.randn(5, 8), torch.randn(5, 8)
+    m = _Rope()
+    cm = turbofx.compile(m, (q.transpose(1, 2).contiguous().transpose(1, 2), cos, sin))
+    torch.testing.assert_close(cm(q, cos, sin), m(q, cos, sin))
+    kernels = _generated(cm)
+    cat_kernel = [k for k in kernels if any(n.startswith("cat") for n in k.nodes)]
+    assert len(cat_kernel) == 1 and any(n.startswith("add") for n in cat_kernel[0].nodes), [k.nodes for k in kernels]
+    assert not [k for k in turbofx.explain(cm).fallbacks if "cat" in k.label]
+
+
+def test_cat_with_empty_and_symbolic_pieces():
+    class M(torch.nn.Module):
+        def forward(self, a, b, e):
+            return torch.cat([a * 2, e, b], dim=1) + 1
+
+    a, b, e = torch.randn(3, 4), torch.randn(3, 6), torch.randn(3, 0)
+    cm = turbofx.compile(M(), (a, b, e), dynamic=True)
+    torch.testing.assert_close(cm(a, b, e), M()(a, b, e))
+    a2, b2 = torch.randn(3, 7), torch.randn(3, 2)
+    torch.testing.assert_close(cm(a2, b2, e), M()(a2, b2, e))

@@ -63,17 +63,28 @@ def generate(region: Region, target_key: str) -> KernelSpec:
     def index_of(node: fx.Node) -> list[sympy.Expr]:
         return list(dims) if (red and region.is_row(node)) else full_idx
 
+    cat_dims: dict[fx.Node, tuple[int, list]] = {}  # cat -> (dim, [(piece, start, end)])
     for n in region.nodes:
+        pieces = _cat_pieces(n)
+        if pieces:
+            cat_dims[n] = pieces
         for a in n.all_input_nodes:
             if a in region.members or not isinstance(a.meta.get("val"), torch.Tensor):
                 continue
-            consumer_idx = index_of(n)
+            consumer_idx = list(index_of(n))
+            piece = None
+            if pieces:  # a cat piece is read at the cat index shifted back by the piece's start
+                d, spans = pieces
+                piece = next(((st, en) for p_, st, en in spans if p_ is a), None)
+                if piece is None:  # an empty piece is never read
+                    continue
+                consumer_idx[d] = consumer_idx[d] - piece[0]
             idx = ix.broadcast_index(consumer_idx, ix.shape_of(a))
             base, bidx = ix.fold_views(a, idx, lambda v: v not in region.members)
             off = ix.offset(bidx, ix.strides_of(base))
             is_row = rsym not in off.free_symbols if red else False
             ptr = bases.setdefault(base, f"in{len(bases)}")
-            key = (base, off)
+            key = (base, off, piece, n if piece else None)
             loads.setdefault(key, (ptr, off, is_row))
             node_access[(n, a)] = key
     outputs = region.outputs()
@@ -86,10 +97,12 @@ def generate(region: Region, target_key: str) -> KernelSpec:
         stores.append((f"out{k}", off, o))
 
     # 2. coalesce row dims across all accesses, then delinearize the flat program index
-    accesses = [off for _, off, _ in loads.values()] + [off for _, off, _ in stores]
+    cat_index = [full_idx[d] for d, _ in cat_dims.values()]  # masks test the cat dim's index
+    accesses = [off for _, off, _ in loads.values()] + [off for _, off, _ in stores] + cat_index
     groups, rewritten, gsyms, gsizes = ix.coalesce(dims, rows, accesses)
     load_offsets = dict(zip(loads.keys(), rewritten[: len(loads)]))
-    store_offsets = rewritten[len(loads):]
+    store_offsets = rewritten[len(loads): len(loads) + len(stores)]
+    cat_exprs = dict(zip(cat_dims, rewritten[len(loads) + len(stores):]))
     xflat = sympy.Symbol("xindex", integer=True, nonnegative=True)
     group_exprs = ix.delinearize(xflat, gsizes)
 
@@ -105,7 +118,11 @@ def generate(region: Region, target_key: str) -> KernelSpec:
         ptr, _, is_row = loads[key]
         off = load_offsets[key]
         zero = "xzero" if (is_row or not red) else "fzero"
-        code = f"tl.load({ptr} + ({zero} + {ix.pyexpr(off)}), {'xmask' if is_row else fmask}, other=0)"
+        mask = "xmask" if is_row else fmask
+        if key[2] is not None:  # cat piece: only its span of the cat dim is loaded
+            cidx = ix.pyexpr(cat_exprs[key[3]])
+            mask = f"{mask} & ({cidx} >= {ix.pyexpr(key[2][0])}) & ({cidx} < {ix.pyexpr(key[2][1])})"
+        code = f"tl.load({ptr} + ({zero} + {ix.pyexpr(off)}), {mask}, other=0)"
         dt = key[0].meta["val"].dtype
         return f"{code}.to(tl.float32)" if dt in (torch.float16, torch.bfloat16) else code
 
@@ -133,6 +150,15 @@ def generate(region: Region, target_key: str) -> KernelSpec:
         return literal(a)
 
     for n in region.nodes:
+        if n in cat_dims:  # select the piece whose span holds the index; others are masked loads
+            cidx = ix.pyexpr(cat_exprs[n])
+            spans = cat_dims[n][1]
+            codes = [arg_code(n, p_) for p_, _, _ in spans]
+            code = codes[-1]
+            for (_, _, end), piece in zip(reversed(spans[:-1]), reversed(codes[:-1])):
+                code = f"tl.where({cidx} < {ix.pyexpr(end)}, {piece}, {code})"
+            value[n] = w.tmp(code)
+            continue
         args = [arg_code(n, a) for a in n.args]
         kw = {k: v for k, v in n.kwargs.items()}
         if n.target in REDUCTIONS:
@@ -197,6 +223,21 @@ def generate(region: Region, target_key: str) -> KernelSpec:
         inputs=list(bases.keys()), outputs=outputs, size_args=size_syms,
         xnumel=xnumel, rnumel=rnumel,
     )
+
+
+def _cat_pieces(n: fx.Node):
+    """For aten.cat: (dim, [(piece, start, end)]) over the non-empty pieces, else None."""
+    if n.target is not torch.ops.aten.cat.default:
+        return None
+    ndim = len(ix.shape_of(n))
+    d = (n.args[1] if len(n.args) > 1 else 0) % ndim
+    spans, start = [], sympy.Integer(0)
+    for p in n.args[0]:
+        size = ix.shape_of(p)[d]
+        if size != 0:
+            spans.append((p, start, start + size))
+        start = start + size
+    return d, spans
 
 
 def _needs_int64(region: Region) -> bool:

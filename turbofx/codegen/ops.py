@@ -148,8 +148,24 @@ REDUCTIONS = {
 }
 
 
+def _cat_refusal(node: fx.Node) -> str | None:
+    out = node.meta.get("val")
+    pieces = node.args[0]
+    if not isinstance(out, torch.Tensor) or out.dtype not in TL_DTYPE or out.dtype == torch.float64:
+        return "cat dtype"
+    if len(set(pieces)) != len(pieces):
+        return "cat repeats an input"
+    for p in pieces:
+        v = p.meta.get("val") if isinstance(p, fx.Node) else None
+        if not isinstance(v, torch.Tensor) or v.dtype != out.dtype or v.dim() != out.dim():
+            return "cat of mixed dtypes or ranks"
+    return None
+
+
 def pointwise_refusal(node: fx.Node) -> str | None:
     """None if ``node`` has a pointwise template, else why not."""
+    if node.target is aten.cat.default:
+        return _cat_refusal(node)
     if node.target not in POINTWISE:
         return f"no kernel template for {node.target}"
     v = node.meta.get("val")

@@ -92,7 +92,12 @@ def _dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict):
 
 
 def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = False) -> CapturedGraph:
-    """torch.export (non-strict) -> run_decompositions -> CapturedGraph."""
+    """torch.export (non-strict) -> run_decompositions -> CapturedGraph.
+
+    User tensors are captured as contiguous (kernels index them with contiguous strides);
+    CompiledModule makes a non-contiguous argument contiguous before the call."""
+    args, kwargs = pytree.tree_map(
+        lambda t: t.contiguous() if isinstance(t, torch.Tensor) and not t.is_contiguous() else t, (args, kwargs))
     dyn = _dynamic_shapes(module, args, kwargs) if dynamic else None
     try:
         with warnings.catch_warnings():

@@ -45,6 +45,8 @@ def _fits(region: Region, n: fx.Node, role: str) -> str | None:
             return None if same_shape(shape_of(x), region.full) else "reduction input shape differs"
         return None if region.is_full(x) else "reduction over a different domain"
     # pointwise
+    if n.target is aten.cat.default and ins:
+        return "cat of a value computed in the region (pieces are loaded, not recomputed)"
     if region.is_full(n):
         rows1 = region.rows + (1,)
         ok = all(region.is_full(a) or (region.kind == "reduction" and same_shape(shape_of(a), rows1)) for a in ins)
@@ -124,7 +126,7 @@ class _Partition:
                 r.add(n)
                 self.region_of[n] = r
                 for q in producers:  # the other producers of n may fit in the same kernel
-                    if q is not r and q.nodes:
+                    if q is not r and q.nodes and n.target is not aten.cat.default:
                         self.try_merge(r, q, rec)
                 return
             rec.refused.append((n.name, f"not fused into region {r.id}: {why}"))
