@@ -34,10 +34,6 @@ def has_div_mod(e) -> bool:
 
 # ------------------------------------------------------------------ reshape_index
 
-TRAILING_ONE_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "turbofx bug: indexing._reshape_groups returns None when a reshape adds or drops a trailing "
-    "size-1 dim (a group needs dims on both sides), so such views are never folded into loads"))
-
 def test_reshape_split_one_dim():
     i0, i1 = syms("i0", "i1")
     out = ix.reshape_index([i0, i1], ints([6]), ints([2, 3]))
@@ -65,9 +61,9 @@ def test_reshape_identity_dims_map_straight_through():
     ([6], [2, 3]), ([2, 3], [6]), ([2, 3, 4], [6, 4]), ([2, 3, 4], [2, 12]), ([4, 6], [2, 12]),
     ([4, 6], [3, 8]), ([2, 6], [3, 4]), ([24], [2, 3, 4]), ([2, 3, 4], [4, 3, 2]), ([1, 4], [4]),
     ([4], [1, 4]), ([4, 1, 6], [4, 6]), ([4, 6], [4, 1, 6]), ([2, 1, 3], [3, 2]),
-    pytest.param([1, 6], [6, 1], marks=TRAILING_ONE_XFAIL, id="move-1-to-the-end"),
-    pytest.param([4, 6, 1], [4, 6], marks=TRAILING_ONE_XFAIL, id="drop-trailing-1"),
-    pytest.param([4, 6], [4, 6, 1], marks=TRAILING_ONE_XFAIL, id="add-trailing-1"),
+    pytest.param([1, 6], [6, 1], id="move-1-to-the-end"),
+    pytest.param([4, 6, 1], [4, 6], id="drop-trailing-1"),
+    pytest.param([4, 6], [4, 6, 1], id="add-trailing-1"),
 ])
 def test_reshape_index_matches_torch(src, dst):
     """Every view element maps back to the source element torch's reshape puts there."""

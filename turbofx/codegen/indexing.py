@@ -117,6 +117,12 @@ def _reshape_groups(src: Sequence[sympy.Expr], dst: Sequence[sympy.Expr]):
     while i < len(src) or j < len(dst):
         gi, gj = [], []
         ps = pd = sympy.Integer(1)
+        if i == len(src) or j == len(dst):  # one side is done: the rest must be size-1 dims
+            rest_src, rest_dst = list(range(i, len(src))), list(range(j, len(dst)))
+            if not all(src[k] == 1 for k in rest_src) or not all(dst[k] == 1 for k in rest_dst):
+                return None
+            groups.append((rest_src, rest_dst))
+            break
         while not (gi and gj and same(ps, pd)):
             grow_src = i < len(src) and (j >= len(dst) or not gi or _smaller(ps, pd))
             if grow_src:
@@ -144,7 +150,7 @@ def reshape_index(idx: Sequence[sympy.Expr], src: Sequence[sympy.Expr], dst: Seq
         return None
     out: list[sympy.Expr] = [sympy.Integer(0)] * len(src)
     for gi, gj in groups:
-        if not gi:
+        if not gi or not gj:  # size-1 dims added or dropped: index 0 on the source side
             continue
         dst_strides = contiguous_strides([dst[j] for j in gj])
         flat = sum((idx[j] * st for j, st in zip(gj, dst_strides)), sympy.Integer(0))

@@ -71,7 +71,8 @@ def generate(region: Region, target_key: str) -> KernelSpec:
         for a in n.all_input_nodes:
             if a in region.members or not isinstance(a.meta.get("val"), torch.Tensor):
                 continue
-            consumer_idx = list(index_of(n))
+            # a reduction reads its input over the whole row; other nodes at their own index
+            consumer_idx = list(full_idx if n.target in REDUCTIONS else index_of(n))
             piece = None
             if pieces:  # a cat piece is read at the cat index shifted back by the piece's start
                 d, spans = pieces

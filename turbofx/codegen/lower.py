@@ -16,13 +16,21 @@ import sympy
 import torch
 import torch.fx as fx
 
+from turbofx.codegen import attention as attention_template
 from turbofx.codegen import indexing as ix
 from turbofx.codegen.kernel import KernelSpec, generate
 from turbofx.codegen.region import Region
 from turbofx.codegen.target import Target
 from turbofx.errors import CodegenError
+from turbofx.runtime import ops as _ops  # noqa: F401  (torch.ops.turbofx.*)
 
 aten = torch.ops.aten
+ATTENTION = torch.ops.turbofx.attention.default
+
+
+def val_int(s) -> int:
+    """A size's value: concrete, or its hint when symbolic (tile choice only)."""
+    return s if isinstance(s, int) else s.node.hint
 
 
 @dataclass
@@ -168,6 +176,23 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
             for s_ in ins:
                 uses.setdefault(s_, []).append(i)
             records.append(KernelRecord(spec.name, spec.kind, spec.label, [m.name for m in u.nodes]))
+        elif u.target is ATTENTION:
+            n = u
+            q, k, v, mask, scale, causal, window, softcap = n.args
+            sources[attention_template.NAME] = attention_template.SOURCE
+            ov = n.meta["val"]
+            steps.append({
+                "type": "attention", "kernel": attention_template.NAME, "q": slot[q], "k": slot[k], "v": slot[v],
+                "mask": slot[mask] if mask is not None else None, "out": slot[n],
+                "shape": [ix.pyexpr(e) for e in ix.shape_of(n)], "stride": [ix.pyexpr(e) for e in ix.strides_of(n)],
+                "scale": scale, "causal": causal, "window": window, "softcap": softcap,
+                "blocks": attention_template.blocks(target, int(val_int(ov.shape[-1]))), "node": n.name})
+            defined_at[slot[n]] = i
+            for a in (q, k, v, mask):
+                if a is not None:
+                    uses.setdefault(slot[a], []).append(i)
+            storage_root[slot[n]] = slot[n]
+            records.append(KernelRecord(attention_template.NAME, "attention", "attention", [n.name]))
         else:
             n = u
             reason = _extern_reason(n, refusals)

@@ -103,12 +103,12 @@ POINTWISE: dict = {
     aten.erf.default: lambda n, a, k: f"tl.erf({a[0]})",
     aten.sigmoid.default: lambda n, a, k: _sigmoid(a[0]),
     aten.tanh.default: lambda n, a, k: _tanh(a[0]),
-    aten.relu.default: lambda n, a, k: f"tl.maximum({a[0]}, 0)",
+    aten.relu.default: lambda n, a, k: _nan_aware("maximum", n, a[0], "0"),
     aten.silu.default: lambda n, a, k: f"({a[0]} * {_sigmoid(a[0])})",
     aten.gelu.default: lambda n, a, k: _gelu(a[0], k.get("approximate", n.args[1] if len(n.args) > 1 else "none")),
     aten.pow.Tensor_Scalar: lambda n, a, k: _pow_scalar(a[0], n.args[1]),
-    aten.maximum.default: lambda n, a, k: f"tl.maximum({a[0]}, {a[1]})",
-    aten.minimum.default: lambda n, a, k: f"tl.minimum({a[0]}, {a[1]})",
+    aten.maximum.default: lambda n, a, k: _nan_aware("maximum", n, a[0], a[1]),
+    aten.minimum.default: lambda n, a, k: _nan_aware("minimum", n, a[0], a[1]),
     aten.where.self: lambda n, a, k: f"tl.where({a[0]}, {a[1]}, {a[2]})",
     aten.eq.Tensor: lambda n, a, k: f"({a[0]} == {a[1]})",
     aten.eq.Scalar: lambda n, a, k: f"({a[0]} == {a[1]})",
@@ -128,18 +128,25 @@ POINTWISE: dict = {
     aten.bitwise_not.default: lambda n, a, k: f"({a[0]} == 0)" if n.meta["val"].dtype == torch.bool else f"(~{a[0]})",
     aten.bitwise_and.Tensor: lambda n, a, k: f"({a[0]} & {a[1]})",
     aten.bitwise_or.Tensor: lambda n, a, k: f"({a[0]} | {a[1]})",
-    aten.clamp.default: lambda n, a, k: _clamp(a),
+    aten.clamp.default: lambda n, a, k: _clamp(n, a),
     aten._to_copy.default: _to_copy,
     aten.clone.default: lambda n, a, k: a[0],
 }
 
 
-def _clamp(a: list[str]) -> str:
+def _nan_aware(fn: str, node: fx.Node, x: str, y: str) -> str:
+    """max/min that keep NaN, as torch does (Triton's default drops it)."""
+    if node.meta["val"].dtype.is_floating_point:
+        return f"tl.{fn}({x}, {y}, propagate_nan=tl.PropagateNan.ALL)"
+    return f"tl.{fn}({x}, {y})"
+
+
+def _clamp(node: fx.Node, a: list[str]) -> str:
     x = a[0]
     if len(a) > 1 and a[1] != "None":
-        x = f"tl.maximum({x}, {a[1]})"
+        x = _nan_aware("maximum", node, x, a[1])
     if len(a) > 2 and a[2] != "None":
-        x = f"tl.minimum({x}, {a[2]})"
+        x = _nan_aware("minimum", node, x, a[2])
     return x
 
 

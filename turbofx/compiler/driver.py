@@ -13,6 +13,7 @@ from turbofx.codegen import cache
 from turbofx.codegen.lower import KernelRecord, lower
 from turbofx.codegen.target import Target, detect
 from turbofx.compiler.capture import CapturedGraph, capture_module
+from turbofx.passes.attention import attention
 from turbofx.passes.canonicalize import canonicalize
 from turbofx.passes.fusion import fuse
 from turbofx.passes.manager import PassContext, PassManager, PassRecord
@@ -106,7 +107,7 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0):
             flat_example = _graph_example_inputs(captured)
     ctx = PassContext(example_inputs=flat_example)
     log.info("passes over %d graph nodes", len(captured.gm.graph.nodes))
-    pm = PassManager([canonicalize, fuse], verify=opts.verify, dump_dir=opts.dump_dir)
+    pm = PassManager([canonicalize, attention, fuse], verify=opts.verify, dump_dir=opts.dump_dir)
     report.passes = pm.run(captured.gm, ctx)
     t1 = time.perf_counter()
     refusals = {name: why for rec in report.passes for name, why in rec.refused}

@@ -93,7 +93,7 @@ class PassManager:
                     raise VerificationError(str(e)) from e
             log.debug(rec.summary())
             records.append(rec)
-            self._dump(gm, i, name)
+            self._dump(gm, i, rec.name)
         return records
 
     def _dump(self, gm: fx.GraphModule, i: int, name: str) -> None:

@@ -147,7 +147,9 @@ class Program:
         self.frees: list[list[int]] = d["frees"]
         self.steps = []
         for s in d["steps"]:
-            if s["type"] == "kernel":
+            if s["type"] == "attention":
+                self.steps.append(self._attention_runner(s, kernels[s["kernel"]]))
+            elif s["type"] == "kernel":
                 ks = KernelStep(**{k: v for k, v in s.items() if k != "type"})
                 ks.allocs = [Alloc(**a) for a in s["allocs"]]
                 fn = kernels[ks.kernel]
@@ -186,6 +188,35 @@ class Program:
                 fn[(-(-xn // xblock),)](*args, xn, rn, XBLOCK=xblock, RBLOCK=rblock, num_warps=ks.num_warps)
 
         run.step = ks
+        return run
+
+    @staticmethod
+    def _attention_runner(s: dict, fn):
+        """Streaming attention launch: grid (query tiles, batch × heads); strides read at run time."""
+        shape = [_compile_expr(e) for e in s["shape"]]
+        stride = [_compile_expr(e) for e in s["stride"]]
+        blocks = dict(s["blocks"])
+        num_warps = blocks.pop("num_warps")
+        flags = dict(CAUSAL=bool(s["causal"]), WINDOW=s["window"] > 0, SOFTCAP=s["softcap"] > 0)
+        qi, ki, vi, mi, oi = s["q"], s["k"], s["v"], s["mask"], s["out"]
+
+        def run(values: list, env: dict) -> None:
+            q, k, v = values[qi], values[ki], values[vi]
+            out = torch.empty_strided([_eval(c, env) for c in shape], [_eval(c, env) for c in stride],
+                                      dtype=q.dtype, device=q.device)
+            values[oi] = out
+            b, h, sq, d = q.shape
+            sk = k.shape[2]
+            mask = values[mi] if mi is not None else None
+            m = mask.expand(b, h, sq, sk) if mask is not None else q
+            m_strides = m.stride() if mask is not None else (0, 0, 0, 0)
+            grid = (-(-sq // blocks["BLOCK_M"]), b * h)
+            fn[grid](q, k, v, m, out, *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+                     h, h // k.shape[1], sq, sk, d, float(s["scale"]), float(s["softcap"]), int(s["window"]),
+                     HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
+                     num_warps=num_warps, **flags, **blocks)
+
+        run.step = s
         return run
 
     @staticmethod

@@ -1,0 +1,103 @@
+"""Attention kernel template: a streaming (online-softmax) kernel over KV tiles.
+
+One program computes BLOCK_M query rows of one (batch, head): running max, running sum and a
+rescaled accumulator over BLOCK_N-key tiles, so the [Sq, Sk] score matrix never exists. Causal
+and sliding-window tiles outside the visible band are skipped; grouped-query heads read their
+shared KV head directly. Rows with no visible key produce zeros. Variants (mask kind, causal,
+window, softcap, upcast for the interpreter) are constexpr flags of one source.
+"""
+from __future__ import annotations
+
+from turbofx.codegen.target import Target
+
+NAME = "tfx_attention_fwd"
+
+SOURCE = '''import triton
+import triton.language as tl
+
+
+@triton.jit
+def tfx_attention_fwd(Q, K, V, M, O,
+                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                      smb, smh, smm, smn, sob, soh, som, sod,
+                      H, GROUPS, SQ, SK, D, scale, softcap, window,
+                      HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+                      WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUPS
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < SQ
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    shift = SK - SQ  # query row i sits at key position i + shift
+    hi = SK
+    if CAUSAL:
+        hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M + shift)
+    lo = 0
+    if WINDOW:
+        lo = tl.maximum(0, pid_m * BLOCK_M + shift - window + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < SK
+        k = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, k) * scale
+        if SOFTCAP:
+            s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
+        keep = m_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
+        if WINDOW:
+            keep = keep & (offs_n[None, :] > offs_m[:, None] + shift - window)
+        if HAS_MASK:
+            mk = tl.load(M + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn,
+                         mask=m_ok[:, None] & n_ok[None, :], other=0)
+            if MASK_BOOL:
+                keep = keep & (mk != 0)
+            else:
+                s = s + mk.to(tl.float32)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        p = tl.exp(s - m_use[:, None])
+        alpha = tl.exp(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(p, v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+'''
+
+
+def blocks(target: Target, head_dim: int) -> dict:
+    """Tile sizes per target (the interpreter wants few, large programs)."""
+    d = max(16, 1 << (head_dim - 1).bit_length())
+    if target.interpret:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": d, "num_warps": 1, "UPCAST": True}
+    if target.backend == "hip":
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": d, "num_warps": 4, "UPCAST": False}
+    big = int(target.arch[2:] or 0) >= 80 and d <= 128
+    return {"BLOCK_M": 128 if big else 64, "BLOCK_N": 64, "BLOCK_D": d, "num_warps": 8 if big else 4,
+            "UPCAST": False}

@@ -1,0 +1,57 @@
+"""turbofx's own graph ops (``torch.ops.turbofx.*``), with reference implementations.
+
+``attention`` carries the semantics the attention pass recognised, so codegen sees intent:
+softmax(scale * q kᵀ [softcapped] + mask) v over ``q [B, H, Sq, D]``, ``k, v [B, Hkv, Sk, D]``
+(H a multiple of Hkv: grouped-query attention without materialising repeated heads), an
+optional mask broadcastable to ``[B, H, Sq, Sk]`` (bool: True keeps; float: added), causal
+(query i sees keys ≤ i + Sk − Sq) and a sliding ``window`` (0: none). A fully masked row gives
+zeros, never NaN. The reference runs when no kernel is generated (and in tests).
+"""
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.custom_op("turbofx::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+              causal: bool, window: int, softcap: float) -> torch.Tensor:
+    return attention_reference(q, k, v, mask, scale, causal, window, softcap)
+
+
+@attention.register_fake
+def _(q, k, v, mask, scale, causal, window, softcap):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+def attention_reference(q, k, v, mask, scale, causal, window, softcap, compute_dtype=torch.float32):
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+    v = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+    s = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    sq, sk = q.shape[-2], k.shape[-2]
+    keep = allowed(sq, sk, causal, window, q.device)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            keep = keep & mask
+        else:
+            s = s + mask.to(compute_dtype)
+    s = s.masked_fill(~keep, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m))
+    denom = p.sum(-1, keepdim=True)
+    out = torch.matmul(p / torch.where(denom == 0, torch.ones_like(denom), denom), v.to(compute_dtype))
+    return out.to(q.dtype)
+
+
+def allowed(sq: int, sk: int, causal: bool, window: int, device) -> torch.Tensor:
+    """[Sq, Sk] bool: which keys each query may see (causal offset Sk − Sq, sliding window)."""
+    i = torch.arange(sq, device=device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=device)[None, :]
+    keep = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if causal:
+        keep = keep & (j <= i)
+    if window > 0:
+        keep = keep & (j > i - window)
+    return keep
