@@ -95,3 +95,21 @@ def test_pass_finds_attention_in_models(name):
     if name in ("llama", "qwen2", "mistral", "phi3"):  # repeat_kv read through: no KV copy kernels
         rec = [p for p in report.passes if p.name == "attention"][0]
         assert all("kv groups 2" in m for m in rec.matched), rec.matched
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "gemma2"])
+def test_pass_finds_decomposed_attention(name):
+    """matmul -> scale -> [softcap] -> mask add -> softmax -> matmul, as eager attention writes it."""
+    model = make_tiny_model(name, attn_implementation="eager")
+    args, kwargs = example_inputs(name, batch=2, seq=8)
+    cm = turbofx.compile(model, args, kwargs)
+    report = turbofx.explain(cm)
+    assert sum(k.kind == "attention" for k in report.kernels) == model.config.num_hidden_layers
+    rec = [p for p in report.passes if p.name == "attention"][0]
+    assert all("matmul-softmax-matmul" in m for m in rec.matched)
+    if name == "gemma2":
+        assert all("softcap 50" in m for m in rec.matched), rec.matched
+    with torch.no_grad():
+        ref, out = model(*args, **kwargs), cm(*args, **kwargs)
+    key = "last_hidden_state" if name == "bert" else "logits"
+    torch.testing.assert_close(out[key], ref[key], rtol=1e-3, atol=1e-3)

@@ -198,14 +198,19 @@ def test_llama_fp16():
 
 
 def test_llama_eager_attention_softmax_kernel():
+    """Eager attention's softmax is generated: inside the attention kernel by default, and as a
+    softmax reduction kernel with the attention pass switched off."""
     model = make_tiny_model("llama", attn_implementation="eager")
     args, kwargs = example_inputs("llama", batch=BATCH, seq=SEQ)
     ref = _eager(model, args, kwargs)
-    compiled = turbofx.compile(model, args, kwargs)
+    layers, _ = _layers_and_hidden("llama")
+    default = turbofx.compile(model, args, kwargs)
+    assert_model_close(ref, default(*args, **kwargs), rtol=RTOL, atol=ATOL)
+    assert sum(k.kind == "attention" for k in turbofx.explain(default).kernels) == layers
+    compiled = turbofx.compile(model, args, kwargs, attention=False)
     assert_model_close(ref, compiled(*args, **kwargs), rtol=RTOL, atol=ATOL)
     report = turbofx.explain(compiled)
     softmax = [k for k in report.kernels if k.label == "softmax"]
-    layers, _ = _layers_and_hidden("llama")
     assert len(softmax) == layers, str(report)
     assert all(k.kind == "reduction" for k in softmax)
     assert not any("_softmax" in k.label or "amax" in k.label for k in report.fallbacks)

@@ -36,6 +36,7 @@ class Options:
     dump_dir: str | None = None  # write each stage's graph and each kernel's source
     mode: str | None = None  # accepted from torch.compile / HF generate; recorded
     cudagraphs: bool = False  # graph replay arrives with the runtime issue
+    attention: bool = True  # recognise attention and generate streaming kernels for it
 
     @classmethod
     def make(cls, **kw) -> "Options":
@@ -107,7 +108,8 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0):
             flat_example = _graph_example_inputs(captured)
     ctx = PassContext(example_inputs=flat_example)
     log.info("passes over %d graph nodes", len(captured.gm.graph.nodes))
-    pm = PassManager([canonicalize, attention, fuse], verify=opts.verify, dump_dir=opts.dump_dir)
+    passes = [canonicalize, attention, fuse] if opts.attention else [canonicalize, fuse]
+    pm = PassManager(passes, verify=opts.verify, dump_dir=opts.dump_dir)
     report.passes = pm.run(captured.gm, ctx)
     t1 = time.perf_counter()
     refusals = {name: why for rec in report.passes for name, why in rec.refused}

@@ -56,10 +56,99 @@ def _refusal(q, k, v, mask, dropout) -> str | None:
     return None
 
 
+def _skip_copies(x: fx.Node) -> fx.Node:
+    """Read through value-preserving copies (contiguous clones) that make a view legal."""
+    while x.target is aten.clone.default:
+        x = x.args[0]
+    return x
+
+
+def _unbatch(x: fx.Node) -> fx.Node | None:
+    """The 4-D tensor behind bmm's operand view([B*H, S, D]) <- [expand] <- X[B, H, S, D]."""
+    if x.target not in _RESHAPES:
+        return None
+    inner = _skip_copies(x.args[0])
+    if inner.target is aten.expand.default:
+        if list(val(inner.args[0]).shape) != list(val(inner).shape):
+            return None  # a real broadcast: not a plain batch of heads
+        inner = _skip_copies(inner.args[0])
+    t = val(inner)
+    return inner if t is not None and t.dim() == 4 else None
+
+
+def _softmax_input(p: fx.Node) -> fx.Node | None:
+    """x when p is softmax(x, -1) written as exp(x - amax(x)) / sum(exp(...)) (casts allowed)."""
+    while p.target in (aten.clone.default, aten._to_copy.default):
+        p = p.args[0]
+    if p.target is not aten.div.Tensor:
+        return None
+    e, s = p.args
+    if not (isinstance(s, fx.Node) and s.target is aten.sum.dim_IntList and s.args[0] is e):
+        return None
+    if e.target is not aten.exp.default or e.args[0].target is not aten.sub.Tensor:
+        return None
+    x, mx = e.args[0].args
+    if not (isinstance(mx, fx.Node) and mx.target is aten.amax.default and mx.args[0] is x):
+        return None
+    return x
+
+
+def _scores(x: fx.Node):
+    """Peel mask, scale and softcap off the scores: (q, k, scale, mask, softcap) or None."""
+    mask, scale, softcap = None, 1.0, 0.0
+    while x.target is aten._to_copy.default:
+        x = x.args[0]
+    if x.target is aten.add.Tensor and isinstance(x.args[1], fx.Node) and val(x.args[1]) is not None:
+        x, mask = x.args
+    if x.target is aten.mul.Tensor and x.args[1].__class__ is float and isinstance(x.args[0], fx.Node) \
+            and x.args[0].target is aten.tanh.default:  # softcap * tanh(s / softcap)
+        softcap = x.args[1]
+        inner = x.args[0].args[0]
+        if inner.target is aten.div.Tensor and inner.args[1] == softcap:
+            x = inner.args[0]
+        elif inner.target is aten.mul.Tensor and isinstance(inner.args[1], float) and abs(inner.args[1] * softcap - 1) < 1e-6:
+            x = inner.args[0]
+        else:
+            return None
+    while x.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)):
+        scale = scale * x.args[1] if x.target is aten.mul.Tensor else scale / x.args[1]
+        x = x.args[0]
+    if x.target not in _RESHAPES or x.args[0].target is not aten.bmm.default:
+        return None
+    q, kt = (_unbatch(a) for a in x.args[0].args)
+    if q is None or kt is None or kt.target is not aten.permute.default or list(kt.args[1]) != [0, 1, 3, 2]:
+        return None
+    return q, kt.args[0], scale, mask, softcap
+
+
+def _match_decomposed(n: fx.Node):
+    """view(bmm(softmax(scores), V)) -> (q, k, v, scale, mask, softcap) or None."""
+    if n.target not in _RESHAPES or n.args[0].target is not aten.bmm.default or val(n) is None or val(n).dim() != 4:
+        return None
+    p, v = (_unbatch(a) for a in n.args[0].args)
+    if p is None or v is None:
+        return None
+    x = _softmax_input(p)
+    found = _scores(x) if x is not None else None
+    if found is None:
+        return None
+    q, k, scale, mask, softcap = found
+    return q, k, v, scale, mask, softcap
+
+
 def attention(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
     rec = PassRecord("attention")
     g = gm.graph
     for n in list(g.nodes):
+        found = _match_decomposed(n) if n.target in _RESHAPES else None
+        if found is not None:
+            q, k, v, scale, mask, softcap = found
+            why = _refusal(val(q), val(k), val(v), val(mask) if mask is not None else None, 0.0)
+            if why:
+                rec.refused.append((n.name, f"decomposed attention: {why}"))
+                continue
+            _replace(g, n, q, k, v, mask, scale, False, softcap, rec, "matmul-softmax-matmul")
+            continue
         if n.target is not aten.scaled_dot_product_attention.default:
             continue
         names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
@@ -70,18 +159,23 @@ def attention(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
         if why:
             rec.refused.append((n.name, why))
             continue
-        k_base, gk = _shared_kv(k)
-        v_base, gv = _shared_kv(v)
-        if gk != gv:
-            k_base, v_base, gk = k, v, 1
         scale = a.get("scale") or 1.0 / math.sqrt(val(q).shape[-1])
-        with g.inserting_before(n):
-            new = g.call_function(torch.ops.turbofx.attention.default,
-                                  (q, k_base, v_base, mask, float(scale), bool(a.get("is_causal", False)), 0, 0.0))
-        new.meta["val"] = n.meta["val"]
-        n.replace_all_uses_with(new)
-        g.erase_node(n)
-        rec.matched.append(f"{n.name}: scale {scale:.4g}, causal {bool(a.get('is_causal', False))}, "
-                           f"mask {'none' if mask is None else val(mask).dtype}, kv groups {gk}")
+        _replace(g, n, q, k, v, mask, scale, bool(a.get("is_causal", False)), 0.0, rec, "sdpa")
     g.eliminate_dead_code()
     return rec
+
+
+def _replace(g: fx.Graph, n: fx.Node, q, k, v, mask, scale: float, causal: bool, softcap: float,
+             rec: PassRecord, form: str) -> None:
+    k_base, gk = _shared_kv(k)
+    v_base, gv = _shared_kv(v)
+    if gk != gv:
+        k_base, v_base, gk = k, v, 1
+    with g.inserting_before(n):
+        new = g.call_function(torch.ops.turbofx.attention.default,
+                              (q, k_base, v_base, mask, float(scale), causal, 0, float(softcap)))
+    new.meta["val"] = n.meta["val"]
+    n.replace_all_uses_with(new)
+    g.erase_node(n)
+    rec.matched.append(f"{n.name} ({form}): scale {scale:.4g}, causal {causal}, softcap {softcap:g}, "
+                       f"mask {'none' if mask is None else val(mask).dtype}, kv groups {gk}")
