@@ -113,3 +113,35 @@ def test_pass_finds_decomposed_attention(name):
         ref, out = model(*args, **kwargs), cm(*args, **kwargs)
     key = "last_hidden_state" if name == "bert" else "logits"
     torch.testing.assert_close(out[key], ref[key], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("splits", ["1", "3", "8"])
+def test_split_kv_results_do_not_depend_on_splits(monkeypatch, splits):
+    """Flash-decoding: chunks of the keys combined by log-sum-exp give the same answer."""
+    monkeypatch.setenv("TURBOFX_ATTENTION_SPLITS", splits)
+    q, k, v = _qkv(2, 4, 2, 2, 300, 16, torch.float32)
+    out = _check(q, k, v, causal=True)
+    monkeypatch.setenv("TURBOFX_ATTENTION_SPLITS", "1")
+    single = turbofx.compile(Attn(16 ** -0.5, True), (q, k, v))(q, k, v)
+    torch.testing.assert_close(out, single, rtol=1e-5, atol=1e-5)
+
+
+def test_split_kv_with_masked_chunks(monkeypatch):
+    """A chunk whose keys are all masked contributes nothing (its log-sum-exp is -inf)."""
+    monkeypatch.setenv("TURBOFX_ATTENTION_SPLITS", "4")
+    q, k, v = _qkv(1, 2, 2, 1, 256, 16, torch.float32)
+    mask = torch.zeros(1, 1, 1, 256, dtype=torch.bool)
+    mask[..., 10:40] = True  # only keys in the first chunk are visible
+    _check(q, k, v, mask)
+    mask[...] = False  # nothing visible: zeros
+    out = _check(q, k, v, mask)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_split_choice():
+    from turbofx.runtime.program import attention_splits
+
+    assert attention_splits(132, 32, 4096, 64) > 1  # batch 1 decode on an H100: split
+    assert attention_splits(132, 32 * 64, 4096, 64) == 1  # enough programs already
+    assert attention_splits(132, 32, 256, 64) == 1  # short cache
+    assert attention_splits(1, 1, 4096, 64, interpret=True) == 1

@@ -17,15 +17,16 @@ import triton.language as tl
 
 
 @triton.jit
-def tfx_attention_fwd(Q, K, V, M, O,
+def tfx_attention_fwd(Q, K, V, M, O, PO, PL,
                       sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                       smb, smh, smm, smn, sob, soh, som, sod,
-                      H, GROUPS, SQ, SK, D, scale, softcap, window,
+                      H, GROUPS, SQ, SK, D, scale, softcap, window, split_len, n_splits,
                       HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-                      WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                      WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
+    split = tl.program_id(2)
     b = bh // H
     h = bh % H
     hk = h // GROUPS
@@ -49,6 +50,9 @@ def tfx_attention_fwd(Q, K, V, M, O,
     if WINDOW:
         lo = tl.maximum(0, pid_m * BLOCK_M + shift - window + 1)
         lo = (lo // BLOCK_N) * BLOCK_N
+    if SPLIT:  # flash-decoding: this program covers one chunk of the keys
+        lo = tl.maximum(lo, split * split_len)
+        hi = tl.minimum(hi, (split + 1) * split_len)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < SK
@@ -86,18 +90,56 @@ def tfx_attention_fwd(Q, K, V, M, O,
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if SPLIT:  # partial result and its log-sum-exp; the combine kernel weighs the chunks
+        row = (bh * n_splits + split) * SQ + offs_m
+        tl.store(PO + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=m_ok[:, None])
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(PL + row, lse, mask=m_ok)
+    else:
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+                 out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def tfx_attention_combine(PO, PL, O, sob, soh, som, sod, H, SQ, D, n_splits,
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < SQ
+    rows = (bh * n_splits + offs_s[None, :]) * SQ + offs_m[:, None]
+    lse = tl.load(PL + rows, mask=m_ok[:, None] & (offs_s[None, :] < n_splits), other=float("-inf"))
+    top = tl.max(lse, 1)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(lse - top[:, None])
+    total = tl.sum(w, 1)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for sp in range(0, n_splits):
+        part = tl.load(PO + ((bh * n_splits + sp) * SQ + offs_m)[:, None] * BLOCK_D + offs_d[None, :],
+                       mask=m_ok[:, None], other=0.0)
+        ws = tl.sum(tl.where(offs_s[None, :] == sp, w, 0.0), 1)
+        acc += ws[:, None] * part
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D))
 '''
+
+COMBINE = "tfx_attention_combine"
 
 
 def blocks(target: Target, head_dim: int) -> dict:
     """Tile sizes per target (the interpreter wants few, large programs)."""
     d = max(16, 1 << (head_dim - 1).bit_length())
     if target.interpret:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": d, "num_warps": 1, "UPCAST": True}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": d, "num_warps": 1, "UPCAST": True, "sm_count": 1,
+                "interpret": True}
     if target.backend == "hip":
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": d, "num_warps": 4, "UPCAST": False}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": d, "num_warps": 4, "UPCAST": False,
+                "sm_count": target.sm_count, "interpret": False}
     big = int(target.arch[2:] or 0) >= 80 and d <= 128
     return {"BLOCK_M": 128 if big else 64, "BLOCK_N": 64, "BLOCK_D": d, "num_warps": 8 if big else 4,
-            "UPCAST": False}
+            "UPCAST": False, "sm_count": target.sm_count, "interpret": False}

@@ -180,9 +180,11 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
             n = u
             q, k, v, mask, scale, causal, window, softcap = n.args
             sources[attention_template.NAME] = attention_template.SOURCE
+            sources[attention_template.COMBINE] = attention_template.SOURCE
             ov = n.meta["val"]
             steps.append({
-                "type": "attention", "kernel": attention_template.NAME, "q": slot[q], "k": slot[k], "v": slot[v],
+                "type": "attention", "kernel": attention_template.NAME, "combine": attention_template.COMBINE,
+                "q": slot[q], "k": slot[k], "v": slot[v],
                 "mask": slot[mask] if mask is not None else None, "out": slot[n],
                 "shape": [ix.pyexpr(e) for e in ix.shape_of(n)], "stride": [ix.pyexpr(e) for e in ix.strides_of(n)],
                 "scale": scale, "causal": causal, "window": window, "softcap": softcap,

@@ -148,7 +148,7 @@ class Program:
         self.steps = []
         for s in d["steps"]:
             if s["type"] == "attention":
-                self.steps.append(self._attention_runner(s, kernels[s["kernel"]]))
+                self.steps.append(self._attention_runner(s, kernels[s["kernel"]], kernels[s["combine"]]))
             elif s["type"] == "kernel":
                 ks = KernelStep(**{k: v for k, v in s.items() if k != "type"})
                 ks.allocs = [Alloc(**a) for a in s["allocs"]]
@@ -191,12 +191,16 @@ class Program:
         return run
 
     @staticmethod
-    def _attention_runner(s: dict, fn):
-        """Streaming attention launch: grid (query tiles, batch × heads); strides read at run time."""
+    def _attention_runner(s: dict, fn, combine):
+        """Streaming attention: grid (query tiles, batch × heads, key splits); strides read at run
+        time. Few query tiles on a large cache split the keys (flash-decoding) and a second kernel
+        combines the chunks by their log-sum-exp."""
         shape = [_compile_expr(e) for e in s["shape"]]
         stride = [_compile_expr(e) for e in s["stride"]]
         blocks = dict(s["blocks"])
         num_warps = blocks.pop("num_warps")
+        sm_count = blocks.pop("sm_count")
+        interpret = blocks.pop("interpret")
         flags = dict(CAUSAL=bool(s["causal"]), WINDOW=s["window"] > 0, SOFTCAP=s["softcap"] > 0)
         qi, ki, vi, mi, oi = s["q"], s["k"], s["v"], s["mask"], s["out"]
 
@@ -210,11 +214,27 @@ class Program:
             mask = values[mi] if mi is not None else None
             m = mask.expand(b, h, sq, sk) if mask is not None else q
             m_strides = m.stride() if mask is not None else (0, 0, 0, 0)
-            grid = (-(-sq // blocks["BLOCK_M"]), b * h)
-            fn[grid](q, k, v, m, out, *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
-                     h, h // k.shape[1], sq, sk, d, float(s["scale"]), float(s["softcap"]), int(s["window"]),
-                     HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
-                     num_warps=num_warps, **flags, **blocks)
+            block_m = min(blocks["BLOCK_M"], max(16, _pow2(sq)))
+            q_tiles = -(-sq // block_m)
+            splits = attention_splits(sm_count, b * h * q_tiles, sk, blocks["BLOCK_N"], interpret=interpret)
+            split_len = -(-sk // splits)
+            split_len = -(-split_len // blocks["BLOCK_N"]) * blocks["BLOCK_N"]  # whole key tiles
+            splits = -(-sk // split_len)
+            if splits > 1:
+                po = torch.empty(b * h * splits * sq, blocks["BLOCK_D"], dtype=torch.float32, device=q.device)
+                pl = torch.empty(b * h * splits * sq, dtype=torch.float32, device=q.device)
+            else:
+                po = pl = q
+            kw = dict(blocks, BLOCK_M=block_m)
+            fn[(q_tiles, b * h, splits)](
+                q, k, v, m, out, po, pl, *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+                h, h // k.shape[1], sq, sk, d, float(s["scale"]), float(s["softcap"]), int(s["window"]),
+                split_len, splits, HAS_MASK=mask is not None,
+                MASK_BOOL=mask is not None and mask.dtype == torch.bool, SPLIT=splits > 1,
+                num_warps=num_warps, **flags, **kw)
+            if splits > 1:
+                combine[(q_tiles, b * h)](po, pl, out, *out.stride(), h, sq, d, splits, BLOCK_M=block_m,
+                                          BLOCK_D=blocks["BLOCK_D"], BLOCK_S=_pow2(splits), num_warps=num_warps)
 
         run.step = s
         return run
@@ -250,6 +270,20 @@ class Program:
             for v in frees[i]:
                 values[v] = None
         return [_resolve(o, values, env) for o in self.outputs]
+
+
+def attention_splits(sm_count: int, programs: int, sk: int, block_n: int, interpret: bool = False) -> int:
+    """How many key chunks: enough for ~2 programs per SM when (batch × heads × query tiles)
+    programs cannot fill the GPU, each chunk at least 4 key tiles. ``TURBOFX_ATTENTION_SPLITS``
+    forces a number (tests use it to check that results do not depend on it)."""
+    import os
+
+    forced = os.environ.get("TURBOFX_ATTENTION_SPLITS")
+    if forced:
+        return max(1, min(int(forced), -(-sk // block_n)))
+    if interpret or programs >= sm_count or sk < 8 * block_n:
+        return 1
+    return max(1, min(-(-2 * sm_count // programs), sk // (4 * block_n), 128))
 
 
 def _pow2(n: int) -> int:
