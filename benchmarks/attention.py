@@ -21,6 +21,7 @@ Metrics
   TFLOP/s  prefill: 4*B*H*S^2*D / 2 (causal)
   TB/s     decode: bytes of K and V (at the KV heads' count: what an ideal GQA kernel reads) + q + out
   err      max |out - ref| on batch 0 and the query heads of KV head 0, ref = SDPA math in fp32
+  vs X     X's ms / this row's ms (> 1: faster than X)
 SDPA is called with ``enable_gqa=True``; if a backend refuses that, the error is kept in the row's
 `note` and it is retried with K/V expanded to H heads (outside the timed region; `kv` = expanded).
 Any failure is a result row (status "error" + reason), never a crash.
@@ -34,7 +35,8 @@ from __future__ import annotations
 
 import turbofx  # noqa: F401  (first: on CPU it switches Triton's interpreter on before triton is imported)
 
-import argparse, contextlib, gc, json, math, platform, signal, statistics, sys, time, traceback, warnings  # noqa: E401
+import argparse, contextlib, gc, json, math, os, platform, signal, statistics, sys, time  # noqa: E401
+import traceback, warnings  # noqa: E401
 
 import torch
 import torch.nn.functional as F
@@ -336,6 +338,7 @@ def run_one(name: str, w: dict, inputs: list[tuple], ref: torch.Tensor, args) ->
         if args.verbose:
             traceback.print_exc()
         rep["reason"] = (f"{type(e).__name__}: {_first_line(e)}"[:300] + _why(caught))[:800]
+        rep.pop("kv", None)
     finally:
         del fn, kvs
         if device.type == "cuda":
@@ -388,7 +391,8 @@ def goals(results: list[dict], meta: dict) -> tuple[str, list[dict]]:
         val = r.get(metric) if r else None
         met = val is not None and r["status"] == "ok" and val >= thr
         unit = "TFLOP/s" if metric == "tflops" else "TB/s"
-        got = "not measured" if val is None else f"{val:.3f} {unit}" + ("" if r["status"] == "ok" else f" ({r['status']})")
+        got = "not measured" if val is None else (
+            f"{val:.3f} {unit}" + ("" if r["status"] == "ok" else f" ({r['status']})"))
         lines.append(f"- {who} {desc}: {got} -> {'MET' if met else 'not met'}")
         out.append({"goal": desc, "workload": wl, "contestant": who, "metric": metric, "threshold": thr,
                     "value": val, "met": met})
@@ -458,7 +462,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     meta = device_meta(device)
     meta.update(dtype=args.dtype, quick=args.quick, iters=args.iters, warmup=args.warmup,
-                cmd=" ".join(sys.argv))
+                cmd=" ".join(sys.argv),
+                env={k: v for k, v in os.environ.items() if k.startswith(("TURBOFX_", "TRITON_"))})
     results: list[dict] = []
     goal_rows: list[dict] = []
 
@@ -492,7 +497,8 @@ def main(argv=None) -> int:
                 dump()
                 continue
             for name in args.contestants.split(","):
-                current = {"workload": w["name"], "kind": w["kind"], "contestant": name, "status": "interrupted"}
+                current = {"workload": w["name"], "kind": w["kind"], "contestant": name, "status": "interrupted",
+                           "reason": "SIGTERM/Ctrl-C (timeout) during this row"}
                 rep = run_one(name, w, inputs, ref, args)
                 rep.update(shape=dict(B=w["B"], H=w["H"], Hkv=w["Hkv"], Sq=w["Sq"], Sk=w["Sk"], D=w["D"],
                                       causal=w["causal"]), copies=len(inputs))

@@ -34,6 +34,7 @@ class KernelSpec:
     size_args: list[str]
     xnumel: sympy.Expr
     rnumel: sympy.Expr | None
+    looped: bool = False  # the row is walked in RBLOCK tiles (RBLOCK then need not cover it)
 
 
 class _Writer:
@@ -41,14 +42,62 @@ class _Writer:
         self.lines: list[str] = []
         self.n = 0
 
-    def tmp(self, code: str) -> str:
-        name = f"tmp{self.n}"
+    def fresh(self) -> str:
         self.n += 1
-        self.lines.append(f"    {name} = {code}")
+        return f"tmp{self.n - 1}"
+
+    def line(self, indent: int, code: str) -> None:
+        self.lines.append(" " * indent + code)
+
+    def tmp_at(self, indent: int, code: str) -> str:
+        name = self.fresh()
+        self.line(indent, f"{name} = {code}")
         return name
 
+    def tmp(self, code: str) -> str:
+        return self.tmp_at(4, code)
 
-def generate(region: Region, target_key: str) -> KernelSpec:
+
+class _Scope:
+    """Values computed at one nesting level (kernel body or a reduction loop over row tiles)."""
+
+    def __init__(self, indent: int, parent: "_Scope | None" = None) -> None:
+        self.indent = indent
+        self.parent = parent
+        self.values: dict = {}
+        self.loaded: dict = {}
+
+    def lookup(self, key, table: str):
+        s = self
+        while s is not None:
+            got = getattr(s, table).get(key)
+            if got is not None:
+                return got
+            s = s.parent
+        return None
+
+
+def _online_softmax_pair(n: fx.Node, region: Region):
+    """(x, amax) when ``n`` is sum(exp(x - amax(x))) over the last dim: softmax's two reductions,
+    computed in one online pass (running max, rescaled running sum)."""
+    aten = torch.ops.aten
+    if n.target is not aten.sum.dim_IntList:
+        return None
+    e = n.args[0]
+    if e not in region.members or e.target is not aten.exp.default:
+        return None
+    d = e.args[0]
+    if d not in region.members or d.target is not aten.sub.Tensor:
+        return None
+    x, mx = d.args
+    if not isinstance(mx, fx.Node) or mx.target is not aten.amax.default or mx.args[0] is not x:
+        return None
+    return x, mx
+
+
+def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) -> KernelSpec:
+    """Triton source for ``region``. A reduction whose row is longer than ``persistent_rmax`` (or
+    symbolic) loops over the row in tiles, one pass per reduction, and writes in a last pass."""
     red = region.kind == "reduction"
     rows = list(region.rows)
     dims = [sympy.Symbol(f"i{k}", integer=True, nonnegative=True) for k in range(len(rows))]
@@ -127,67 +176,158 @@ def generate(region: Region, target_key: str) -> KernelSpec:
         dt = key[0].meta["val"].dtype
         return f"{code}.to(tl.float32)" if dt in (torch.float16, torch.bfloat16) else code
 
-    value: dict[fx.Node, str] = {}
     scalar_syms: set[str] = set()
-    loaded: dict[tuple, str] = {}
+    looped = red and not (rnumel.is_Integer and int(rnumel) <= persistent_rmax)
+    outer = _Scope(4)
 
-    def arg_code(n: fx.Node, a):
+    def arg_code(scope: _Scope, n: fx.Node, a):
         if isinstance(a, fx.Node):
             if a in region.members:
-                return value[a]
+                return need(scope, a)
             v = a.meta.get("val")
             if isinstance(v, torch.Tensor):
                 key = node_access[(n, a)]
-                if key not in loaded:
-                    loaded[key] = w.tmp(load_code(key))
-                return loaded[key]
+                got = scope.lookup(key, "loaded")
+                if got is None:
+                    got = scope.loaded[key] = w.tmp_at(scope.indent, load_code(key))
+                return got
             e = ix.to_expr(v)
             scalar_syms.update(s.name for s in e.free_symbols)
             return f"({ix.pyexpr(e)})"
         if isinstance(a, (list, tuple)):
-            return [arg_code(n, x) for x in a]
+            return [arg_code(scope, n, x) for x in a]
         if a is None:
             return "None"
         return literal(a)
 
-    for n in region.nodes:
+    def need(scope: _Scope, n: fx.Node) -> str:
+        got = scope.lookup(n, "values")
+        if got is None:
+            if looped and region.is_row(n) and scope.parent is not None:
+                raise AssertionError(f"row value {n.name} needed inside a reduction loop (turbofx bug)")
+            got = scope.values[n] = emit(scope, n)
+        return got
+
+    def emit(scope: _Scope, n: fx.Node) -> str:
         if n in cat_dims:  # select the piece whose span holds the index; others are masked loads
             cidx = ix.pyexpr(cat_exprs[n])
             spans = cat_dims[n][1]
-            codes = [arg_code(n, p_) for p_, _, _ in spans]
+            codes = [arg_code(scope, n, p_) for p_, _, _ in spans]
             code = codes[-1]
             for (_, _, end), piece in zip(reversed(spans[:-1]), reversed(codes[:-1])):
                 code = f"tl.where({cidx} < {ix.pyexpr(end)}, {piece}, {code})"
-            value[n] = w.tmp(code)
-            continue
-        args = [arg_code(n, a) for a in n.args]
-        kw = {k: v for k, v in n.kwargs.items()}
+            return w.tmp_at(scope.indent, code)
+        if ix.is_view(n):  # a row value re-viewed (trailing 1 added or dropped): same registers
+            return need(scope, n.args[0])
         if n.target in REDUCTIONS:
-            kind = REDUCTIONS[n.target]
-            x = f"tl.broadcast_to({args[0]}, [XBLOCK, RBLOCK])"
-            if kind in ("sum", "mean"):
-                code = f"tl.sum(tl.where(xmask & rmask, {x}, 0), 1)[:, None]"
-                if kind == "mean":
-                    code = f"({code} / {ix.pyexpr(rnumel)})"
-            else:
-                fill = "float('-inf')" if kind == "max" else "float('inf')"
-                code = f"tl.{kind}(tl.where(xmask & rmask, {x}, {fill}), 1)[:, None]"
-            out_dt = compute_dtype(n.meta["val"].dtype)
-            value[n] = w.tmp(f"({code}).to({out_dt})")
-        elif ix.is_view(n):  # a row value re-viewed (trailing 1 added or dropped): same registers
-            value[n] = value[n.args[0]]
+            return reduce_looped(scope, n) if looped else reduce_persistent(scope, n)
+        args = [arg_code(scope, n, a) for a in n.args]
+        return w.tmp_at(scope.indent, POINTWISE[n.target](n, args, dict(n.kwargs)))
+
+    def reduce_persistent(scope: _Scope, n: fx.Node) -> str:
+        kind = REDUCTIONS[n.target]
+        x = f"tl.broadcast_to({arg_code(scope, n, n.args[0])}, [XBLOCK, RBLOCK])"
+        if kind in ("sum", "mean"):
+            code = f"tl.sum(tl.where(xmask & rmask, {x}, 0), 1)[:, None]"
+            if kind == "mean":
+                code = f"({code} / {ix.pyexpr(rnumel)})"
         else:
-            value[n] = w.tmp(POINTWISE[n.target](n, args, kw))
-    for (ptr, _, o), off in zip(stores, store_offsets):
+            fill = "float('-inf')" if kind == "max" else "float('inf')"
+            code = f"tl.{kind}(tl.where(xmask & rmask, {x}, {fill}), 1)[:, None]"
+        return w.tmp_at(scope.indent, f"({code}).to({compute_dtype(n.meta['val'].dtype)})")
+
+    def row_deps(nodes) -> list[fx.Node]:
+        """Row values the full-valued computation of ``nodes`` reads (computed before a loop)."""
+        deps, seen, stack = {}, set(), list(nodes)
+        while stack:
+            m = stack.pop()
+            if m in seen or m not in region.members:
+                continue
+            seen.add(m)
+            if region.is_row(m) and m not in nodes:
+                deps[m] = None
+                continue
+            stack.extend(a for a in m.all_input_nodes if a in region.members)
+        return sorted(deps, key=region.nodes.index)
+
+    def open_loop(scope: _Scope) -> _Scope:
+        w.line(scope.indent, "for roffset in range(0, rnumel, RBLOCK):")
+        body = _Scope(scope.indent + 4, scope)
+        w.line(body.indent, "rindex = roffset + tl.arange(0, RBLOCK)[None, :]")
+        w.line(body.indent, "rmask = rindex < rnumel")
+        w.line(body.indent, "fzero = xzero + rindex * 0")
+        return body
+
+    def reduce_looped(scope: _Scope, n: fx.Node) -> str:
+        """One pass over the row in RBLOCK tiles; softmax's max and sum share one online pass."""
+        kind = REDUCTIONS[n.target]
+        partner = next((m for m in region.nodes if (_online_softmax_pair(m, region) or (None, None))[1] is n), None)
+        if partner is not None and scope.lookup(partner, "values") is None:
+            need(scope, partner)  # softmax's max: computed with its sum in one online pass
+            return scope.values[n]
+        pair = _online_softmax_pair(n, region)
+        src = pair[0] if pair and scope.lookup(pair[1], "values") is None else n.args[0]
+        if src is n.args[0]:
+            pair = None
+        for r in row_deps([src]):
+            need(scope, r)
+        dt = compute_dtype(n.meta["val"].dtype)
+        if pair:
+            m, sacc = w.fresh(), w.fresh()
+            w.line(scope.indent, f"{m} = tl.full([XBLOCK, RBLOCK], float('-inf'), tl.float32)")
+            w.line(scope.indent, f"{sacc} = tl.zeros([XBLOCK, RBLOCK], tl.float32)")
+        else:
+            acc = w.fresh()
+            init = {"sum": "0.0", "mean": "0.0", "max": "float('-inf')", "min": "float('inf')"}[kind]
+            w.line(scope.indent, f"{acc} = tl.full([XBLOCK, RBLOCK], {init}, {dt})")
+        body = open_loop(scope)
+        reader = pair[1] if pair else n  # the reduction whose input load indexes the full row
+        x = f"tl.broadcast_to({arg_code(body, reader, src)}, [XBLOCK, RBLOCK])"
+        if pair:  # running per-lane max and rescaled sum of exp
+            xv, mn = w.fresh(), w.fresh()
+            w.line(body.indent, f"{xv} = tl.where(xmask & rmask, {x}, float('-inf'))")
+            w.line(body.indent, f"{mn} = tl.maximum({m}, {xv})")
+            w.line(body.indent, f"{sacc} = {sacc} * tl.exp(tl.where({mn} == float('-inf'), 0.0, {m} - {mn})) + "
+                                f"tl.where({mn} == float('-inf'), 0.0, tl.exp({xv} - {mn}))")
+            w.line(body.indent, f"{m} = {mn}")
+            amax, expsum = pair[1], n
+            top = w.tmp_at(scope.indent, f"tl.max({m}, 1)[:, None]")
+            scope.values[amax] = w.tmp_at(scope.indent, f"({top}).to({compute_dtype(amax.meta['val'].dtype)})")
+            total = f"tl.sum(tl.where({m} == float('-inf'), 0.0, {sacc} * tl.exp({m} - {top})), 1)[:, None]"
+            return w.tmp_at(scope.indent, f"({total}).to({dt})")
+        if kind in ("sum", "mean"):
+            w.line(body.indent, f"{acc} = {acc} + tl.where(xmask & rmask, {x}, 0)")
+            code = f"tl.sum({acc}, 1)[:, None]"
+            if kind == "mean":
+                code = f"({code} / {ix.pyexpr(rnumel)})"
+        else:
+            fill = "float('-inf')" if kind == "max" else "float('inf')"
+            w.line(body.indent, f"{acc} = tl.{kind}imum({acc}, tl.where(xmask & rmask, {x}, {fill}))")
+            code = f"tl.{kind}({acc}, 1)[:, None]"
+        return w.tmp_at(scope.indent, f"({code}).to({dt})")
+
+    def store(scope: _Scope, ptr: str, off, o: fx.Node) -> None:
         is_row = red and region.is_row(o)
         zero = "xzero" if (is_row or not red) else "fzero"
-        v = value[o]
+        v = need(scope, o)
         if red and not is_row:
             v = f"tl.broadcast_to({v}, [XBLOCK, RBLOCK])"
-        w.lines.append(
-            f"    tl.store({ptr} + ({zero} + {ix.pyexpr(off)}), ({v}).to({TL_DTYPE[o.meta['val'].dtype]}), "
-            f"{'xmask' if is_row else fmask})"
-        )
+        w.line(scope.indent, f"tl.store({ptr} + ({zero} + {ix.pyexpr(off)}), ({v}).to({TL_DTYPE[o.meta['val'].dtype]}), "
+                             f"{'xmask' if is_row else fmask})")
+
+    full_stores = [(p_, off, o) for (p_, _, o), off in zip(stores, store_offsets) if not (red and region.is_row(o))]
+    row_stores = [(p_, off, o) for (p_, _, o), off in zip(stores, store_offsets) if red and region.is_row(o)]
+    if looped and full_stores:  # the last pass writes the full-sized outputs tile by tile
+        for r in row_deps([o for _, _, o in full_stores]):
+            need(outer, r)
+        body = open_loop(outer)
+        for p_, off, o in full_stores:
+            store(body, p_, off, o)
+    else:
+        for p_, off, o in full_stores:
+            store(outer, p_, off, o)
+    for p_, off, o in row_stores:
+        store(outer, p_, off, o)
 
     # 3. signature and prologue
     used = rewritten + group_exprs + [xnumel] + ([rnumel] if red else [])
@@ -206,11 +346,14 @@ def generate(region: Region, target_key: str) -> KernelSpec:
         head += [
             "    xindex = xoffset + tl.arange(0, XBLOCK)[:, None]",
             "    xmask = xindex < xnumel",
-            "    rindex = tl.arange(0, RBLOCK)[None, :]",
-            "    rmask = rindex < rnumel",
             "    xzero = xindex * 0",
-            "    fzero = xzero + rindex * 0",
         ]
+        if not looped:
+            head += [
+                "    rindex = tl.arange(0, RBLOCK)[None, :]",
+                "    rmask = rindex < rnumel",
+                "    fzero = xzero + rindex * 0",
+            ]
     else:
         head += ["    xindex = xoffset + tl.arange(0, XBLOCK)", "    xmask = xindex < xnumel", "    xzero = xindex * 0"]
     digest = hashlib.sha256((body + str(params) + target_key).encode()).hexdigest()[:12]
@@ -222,7 +365,7 @@ def generate(region: Region, target_key: str) -> KernelSpec:
     return KernelSpec(
         name=name, kind=region.kind, label=region.label(), source=source,
         inputs=list(bases.keys()), outputs=outputs, size_args=size_syms,
-        xnumel=xnumel, rnumel=rnumel,
+        xnumel=xnumel, rnumel=rnumel, looped=looped,
     )
 
 

@@ -79,7 +79,7 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
     output = next(n for n in g.nodes if n.op == "output")
     region_of = {m: r for r in regions for m in r.nodes}
-    specs = {id(r): generate(r, target.key) for r in regions}
+    specs = {id(r): generate(r, target.key, target.persistent_rmax) for r in regions}
 
     # which nodes need a value: graph outputs, extern args, kernel inputs (closure backwards)
     needed: set[fx.Node] = set()
@@ -170,6 +170,7 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
                 "size_args": spec.size_args, "xnumel": ix.pyexpr(spec.xnumel),
                 "rnumel": ix.pyexpr(spec.rnumel) if spec.rnumel is not None else None,
                 "xblock_max": target.xblock_max, "rblock_budget": target.rblock_budget,
+                "rblock_max": target.loop_rblock if spec.looped else None,
                 "num_warps": target.num_warps(spec.kind == "reduction"), "kind": spec.kind,
                 "nodes": [m.name for m in u.nodes],
             })

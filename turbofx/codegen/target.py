@@ -38,6 +38,18 @@ class Target:
     def rblock_budget(self) -> int:
         return 1 << 16 if self.interpret else 4096
 
+    @property
+    def persistent_rmax(self) -> int:
+        """Longest row a reduction keeps whole in registers; longer (or symbolic) rows loop over
+        RBLOCK tiles. ``TURBOFX_PERSISTENT_RMAX`` overrides (tests use it to exercise loops)."""
+        forced = os.environ.get("TURBOFX_PERSISTENT_RMAX")
+        return int(forced) if forced else (1 << 14 if self.interpret else 8192)
+
+    @property
+    def loop_rblock(self) -> int:
+        """Tile length of a looped reduction."""
+        return min(self.persistent_rmax, 4096 if self.interpret else 1024)
+
     def num_warps(self, reduction: bool) -> int:
         if self.interpret:
             return 1

@@ -123,6 +123,7 @@ class KernelStep:
     xblock_max: int
     rblock_budget: int
     num_warps: int
+    rblock_max: int | None = None  # looped reductions: the tile length (None: the whole row)
     kind: str = "pointwise"
     nodes: list[str] = field(default_factory=list)
 
@@ -183,7 +184,7 @@ class Program:
                 fn[(-(-xn // xblock),)](*args, xn, XBLOCK=xblock, num_warps=ks.num_warps)
             else:
                 rn = _eval(rnumel, env)
-                rblock = _pow2(rn)
+                rblock = _pow2(rn) if ks.rblock_max is None else min(_pow2(rn), ks.rblock_max)
                 xblock = max(1, min(_pow2(xn), ks.rblock_budget // rblock))
                 fn[(-(-xn // xblock),)](*args, xn, rn, XBLOCK=xblock, RBLOCK=rblock, num_warps=ks.num_warps)
 
