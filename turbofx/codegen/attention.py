@@ -23,9 +23,9 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL,
                       H, GROUPS, SQ, SK, D, scale, softcap, window, split_len, n_splits,
                       HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
                       WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: caches can pass 2**31 elements
     split = tl.program_id(2)
     b = bh // H
     h = bh % H
@@ -63,7 +63,10 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL,
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, k) * scale
+        if IEEE:  # fp32 inputs: full precision, not TF32
+            s = tl.dot(q, k, input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, k) * scale
         if SOFTCAP:
             s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
         keep = m_ok[:, None] & n_ok[None, :]
@@ -86,6 +89,8 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL,
         l_i = l_i * alpha + tl.sum(p, 1)
         if UPCAST:
             acc = acc * alpha[:, None] + tl.dot(p, v)
+        elif IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -104,7 +109,7 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL,
 def tfx_attention_combine(PO, PL, O, sob, soh, som, sod, H, SQ, D, n_splits,
                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -131,15 +136,17 @@ def tfx_attention_combine(PO, PL, O, sob, soh, som, sod, H, SQ, D, n_splits,
 COMBINE = "tfx_attention_combine"
 
 
-def blocks(target: Target, head_dim: int) -> dict:
-    """Tile sizes per target (the interpreter wants few, large programs)."""
+def blocks(target: Target, head_dim: int, elem_size: int = 2) -> dict:
+    """Tile sizes per target and dtype (the interpreter wants few, large programs; a GPU tile
+    must fit shared memory: fp32 and head dim 256 take smaller query tiles)."""
     d = max(16, 1 << (head_dim - 1).bit_length())
+    common = {"BLOCK_D": d, "sm_count": target.sm_count, "interpret": target.interpret,
+              "IEEE": elem_size == 4 and not target.interpret}
     if target.interpret:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": d, "num_warps": 1, "UPCAST": True, "sm_count": 1,
-                "interpret": True}
+        return {**common, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 1, "UPCAST": True, "IEEE": False}
     if target.backend == "hip":
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": d, "num_warps": 4, "UPCAST": False,
-                "sm_count": target.sm_count, "interpret": False}
-    big = int(target.arch[2:] or 0) >= 80 and d <= 128
-    return {"BLOCK_M": 128 if big else 64, "BLOCK_N": 64, "BLOCK_D": d, "num_warps": 8 if big else 4,
-            "UPCAST": False, "sm_count": target.sm_count, "interpret": False}
+        return {**common, "BLOCK_M": 64, "BLOCK_N": 32 if elem_size == 4 else 64, "num_warps": 4, "UPCAST": False}
+    if elem_size == 4 or d > 128:
+        return {**common, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "UPCAST": False}
+    big = int(target.arch[2:] or 0) >= 80
+    return {**common, "BLOCK_M": 128 if big else 64, "BLOCK_N": 64, "num_warps": 8 if big else 4, "UPCAST": False}

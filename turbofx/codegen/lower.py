@@ -189,7 +189,8 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
                 "mask": slot[mask] if mask is not None else None, "out": slot[n],
                 "shape": [ix.pyexpr(e) for e in ix.shape_of(n)], "stride": [ix.pyexpr(e) for e in ix.strides_of(n)],
                 "scale": scale, "causal": causal, "window": window, "softcap": softcap,
-                "blocks": attention_template.blocks(target, int(val_int(ov.shape[-1]))), "node": n.name})
+                "blocks": attention_template.blocks(target, int(val_int(ov.shape[-1])), ov.element_size()),
+                "node": n.name})
             defined_at[slot[n]] = i
             for a in (q, k, v, mask):
                 if a is not None:
