@@ -34,3 +34,18 @@ def test_mutated_buffers_match_eager_after_n_steps():
     torch.testing.assert_close(compiled_src.cache, eager.cache)
     torch.testing.assert_close(compiled_src.total, eager.total)
     assert int(compiled_src.pos) == int(eager.pos) == 5
+
+
+def test_mutated_buffers_through_torch_compile():
+    """Dynamo/AOT put the write-back in the graph as copy_ nodes nothing reads: they must run."""
+    torch._dynamo.reset()
+    eager, compiled_src = RunningCache(), RunningCache()
+    opt = torch.compile(compiled_src, backend="turbofx")
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(4)
+            torch.testing.assert_close(opt(x), eager(x))
+    torch.testing.assert_close(compiled_src.cache, eager.cache)
+    torch.testing.assert_close(compiled_src.total, eager.total)
+    assert int(compiled_src.pos) == 4
+    torch._dynamo.reset()

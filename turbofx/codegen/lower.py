@@ -69,6 +69,14 @@ def _extern_reason(n: fx.Node, refusals: dict[str, str]) -> str:
     return refusals.get(n.name, "no kernel template")
 
 
+def _writes_arg0(n: fx.Node) -> bool:
+    t = n.target
+    if not isinstance(t, torch._ops.OpOverload) or not t._schema.arguments:
+        return False
+    info = t._schema.arguments[0].alias_info
+    return info is not None and info.is_write
+
+
 def _is_scalar(n) -> bool:
     return isinstance(n, fx.Node) and isinstance(n.meta.get("val"), (torch.SymInt, int)) and not isinstance(n.meta.get("val"), bool)
 
@@ -83,7 +91,9 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
 
     # which nodes need a value: graph outputs, extern args, kernel inputs (closure backwards)
     needed: set[fx.Node] = set()
-    work = [a for a in output.all_input_nodes]
+    # in-place writes (AOT's copy_ of a mutated input) are effects: needed though nothing reads them
+    writes = [n for n in g.nodes if n.op == "call_function" and _writes_arg0(n)]
+    work = [a for a in output.all_input_nodes] + writes
     while work:
         n = work.pop()
         if n in needed or _is_scalar(n):
@@ -108,6 +118,11 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
         for d in unit_deps(u):
             if d != k:
                 dag.add_edge(d, k)
+    for w in writes:  # a write comes after every other reader of the tensor it overwrites
+        for reader in w.args[0].users:
+            r = id(region_of.get(reader, reader))
+            if reader is not w and r in units and r != id(w):
+                dag.add_edge(r, id(w))
     first = {k: (min(order[m] for m in u.nodes) if isinstance(u, Region) else order[u]) for k, u in units.items()}
     schedule = [units[k] for k in nx.lexicographical_topological_sort(dag, key=lambda k: first[k])]
 
