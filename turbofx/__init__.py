@@ -40,6 +40,10 @@ def __getattr__(name):
         from turbofx.compiler import artifact
 
         return getattr(artifact, name)
+    if name == "generate":
+        from turbofx.compiler.generation import generate
+
+        return generate
     if name == "backend":
         from turbofx.compiler.backend import turbofx_backend
 
