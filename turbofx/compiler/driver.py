@@ -35,7 +35,7 @@ class Options:
     verify: bool = False  # run the graph before and after each pass and compare
     dump_dir: str | None = None  # write each stage's graph and each kernel's source
     mode: str | None = None  # accepted from torch.compile / HF generate; recorded
-    cudagraphs: bool = False  # graph replay arrives with the runtime issue
+    cudagraphs: bool | None = None  # replay through CUDA/HIP graphs; None: on for GPU targets
     attention: bool = True  # recognise attention and generate streaming kernels for it
 
     @classmethod
@@ -57,6 +57,7 @@ class Report:
     kernels: list[KernelRecord] = field(default_factory=list)
     passes: list[PassRecord] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    runtime_notes: list[str] = field(default_factory=list)  # e.g. graph captures and why not
     input_ptrs: frozenset = frozenset()  # torch.compile door: tensors the graph took, to find its module
 
     @property
@@ -92,6 +93,8 @@ class Report:
             for (op, why), n in sorted(reasons.items(), key=lambda x: -x[1]):
                 lines.append(f"    {n:4d}× {op}: {why}")
         lines.append("  passes: " + "; ".join(p.summary() for p in self.passes))
+        for note in self.runtime_notes[-5:]:
+            lines.append(f"  runtime: {note}")
         return "\n".join(lines)
 
 
@@ -227,9 +230,12 @@ def compile(module: torch.nn.Module, example_args: tuple = (), example_kwargs: d
     log.info("capturing %s with torch.export%s", type(module).__name__, " (dynamic sizes)" if opts.dynamic else "")
     with torch.no_grad():
         captured = capture_module(module, example_args, example_kwargs, dynamic=opts.dynamic)
-    program, report, _, _ = build(captured, opts, time.perf_counter() - t0)
+    program, report, _, target = build(captured, opts, time.perf_counter() - t0)
     log.info("compiled %s: %s", type(module).__name__, report.counts())
-    return make_module(captured, program, report)
+    compiled = make_module(captured, program, report)
+    if opts.cudagraphs or (opts.cudagraphs is None and not target.interpret):
+        compiled.enable_graphs(report.runtime_notes)
+    return compiled
 
 
 def explain(compiled) -> Report:

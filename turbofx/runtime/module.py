@@ -44,6 +44,22 @@ class CompiledModule(torch.nn.Module):
         self._mutations = mutations
         self._n_user_outputs = n_user_outputs
         self.turbofx_report = report
+        self._runner = None
+
+    def _step(self, graph_inputs: list) -> list:
+        """One call: the Program, then its buffer mutations written back in place."""
+        outs = self._program(graph_inputs)
+        users = [graph_inputs[i] for i, (kind, _) in enumerate(self._plan) if kind == "user"]
+        for i, (kind, key) in self._mutations.items():
+            dst = self._state[key] if kind == "state" else users[key]
+            dst.copy_(outs[i])
+        return [o for i, o in enumerate(outs) if i not in self._mutations]
+
+    def enable_graphs(self, notes: list) -> None:
+        """Replay calls through CUDA/HIP graphs (state tensors used in place)."""
+        from turbofx.runtime.graphs import GraphRunner
+
+        self._runner = GraphRunner(self._step, [kind == "state" for kind, _ in self._plan], notes)
 
     def _check(self, flat: list) -> list:
         if len(flat) != len(self._expected):
@@ -82,11 +98,7 @@ class CompiledModule(torch.nn.Module):
             flat = list(args)
         flat = self._check(flat)
         graph_inputs = [flat[k] if kind == "user" else self._state[k] for kind, k in self._plan]
-        outs = self._program(graph_inputs)
-        for i, (kind, key) in self._mutations.items():
-            dst = self._state[key] if kind == "state" else flat[key]
-            dst.copy_(outs[i])
-        user = [o for i, o in enumerate(outs) if i not in self._mutations]
+        user = self._runner(graph_inputs) if self._runner is not None else self._step(graph_inputs)
         if self._out_spec is None:
             return user
         return pytree.tree_unflatten(user, self._out_spec)
