@@ -1,20 +1,36 @@
-"""Side-by-side LLM benchmark: eager vs turbofx vs Inductor, one process, same weights and inputs.
+"""Side-by-side LLM benchmark: eager, CUDA graphs, Inductor and turbofx on the same weights and inputs.
 
-    python -m benchmarks.llm [--quick] [--json PATH] [--device cuda|cpu] [--dtype bf16|fp16|fp32]
-        [--config MODEL_TYPE[:JSON]] [--ctx 512] [--prefill-len 2048] [--iters N]
+    python -m benchmarks.llm [--quick] [--json PATH] [--plot PATH] [--device cuda|cpu] [--dtype bf16|fp16|fp32]
+        [--config MODEL_TYPE[:JSON]] [--batches 1,8,32] [--ctx 512,1024] [--prefill-len 2048] [--fresh-caches]
 
+Contestants (in this order)
+  eager                     the HF model as it is
+  eager+cudagraph           one step captured with torch.cuda.graph over static inputs, then replayed
+  turbofx                   decode: turbofx.compile(StaticDecoder(...)), the compiled program owns the KV
+                            cache; prefill: turbofx.compile(model, (ids,), {"use_cache": False})
+  inductor                  torch.compile(dynamic=False)
+  inductor+cudagraph        the inductor row's compiled step, warmed up, captured in a manual CUDA graph
+  inductor-reduce-overhead  torch.compile(mode="reduce-overhead"). Run last, in a child process with a
+                            timeout (it segfaulted on an H200 before): a crash, timeout or "skipped
+                            cudagraphs" is its result. The child builds the same weights (same seed,
+                            checksum compared) and inputs. --quick runs it on decode only.
 Workloads
-  prefill  one forward of input_ids 1 x prefill_len, use_cache=False
-  decode   ms per token: one forward of a single new token at batch 1 on a transformers StaticCache
-           (max length ctx+8) that eager pre-filled with ctx tokens; the cache's position counter
-           is rewound to ctx before every call (outside the timed region)
-Ratios are speedups: other_ms / ms (> 1 means faster than eager / Inductor). A contestant that fails
-is recorded as status "error" with the reason and never stops the others. `--config llama-1b`,
-`llama-tiny` or any transformers model type, optionally followed by ':' and JSON overrides.
+  decode   one step, one new token per sequence, batch B, onto a StaticCache holding ctx tokens (max length
+           ctx+64; filled once by eager from real tokens). Every contestant runs the same StaticDecoder
+           module; a step rewrites slot ctx, so repeated calls are identical.
+  prefill  one forward of 1 x prefill_len tokens, use_cache=False
+Metrics: ms per step (= ms/token of each sequence), tokens/s; % of the memory roofline = (weights + KV
+read) bytes / copy bandwidth measured in this run; prefill model TFLOP/s (2 x matmul params x tokens + causal
+attention) and % of a torch.mm peak measured in this run; compile s (first call); cold compile (the
+contestant's first in the process) and warm compile (again: after torch._dynamo.reset() for Inductor, a
+second turbofx.compile, whose kernel cache is on disk); peak memory. A failure is recorded per row
+(status error / mismatch / skipped / crash / timeout) and never stops the others; the JSON is rewritten
+after every row. CUDA graph contestants are "skipped: no CUDA" on CPU.
 """
 from __future__ import annotations
 
-import argparse, gc, inspect, json, platform, signal, statistics, sys, time, traceback  # noqa: E401
+import argparse, gc, json, logging, os, platform, signal, statistics, subprocess, sys, tempfile, time, traceback  # noqa: E401
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,7 +41,10 @@ LLAMA_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, nu
                   intermediate_size=128, vocab_size=256, tie_word_embeddings=True, max_position_embeddings=4096)
 PRESETS = {"llama-1b": LLAMA_1B, "llama-tiny": LLAMA_TINY}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CONTESTANTS = ("eager", "turbofx", "inductor")  # turbofx before Inductor's long compile
+RO = "inductor-reduce-overhead"
+CONTESTANTS = ("eager", "eager+cudagraph", "turbofx", "inductor", "inductor+cudagraph", RO)
+NEEDS_CUDA = ("eager+cudagraph", "inductor+cudagraph", RO)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_config(spec: str | None, device: torch.device):
@@ -44,68 +63,204 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn, before, warmup: int, iters: int, device: torch.device) -> float:
-    """Median ms of `fn()`; `before()` runs untimed ahead of every call."""
+def time_ms(step, device: torch.device, warmup: int, iters: int, inner: int = 1) -> float:
+    """Median ms per call over `iters` samples of `inner` back-to-back calls."""
+    for _ in range(warmup):
+        step()
+    sync(device)
     times = []
-    for i in range(warmup + iters):
-        before()
+    for _ in range(iters):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(inner):
+                step()
             end.record()
             end.synchronize()
-            t = start.elapsed_time(end)
+            times.append(start.elapsed_time(end) / inner)
         else:
             t0 = time.perf_counter()
-            fn()
-            t = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            times.append(t)
+            for _ in range(inner):
+                step()
+            times.append((time.perf_counter() - t0) * 1e3 / inner)
     return statistics.median(times)
 
 
+def probe(device: torch.device, dtype: torch.dtype) -> dict:
+    """Copy bandwidth (a large device-to-device copy_, 2 x size bytes) and torch.mm peak, this run."""
+    cuda = device.type == "cuda"
+    n, m = (1 << 30, 8192) if cuda else (1 << 26, 512)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device, 2, 10 if cuda else 3)
+    del src, dst
+    a, b = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
+    mm_ms = time_ms(lambda: torch.mm(a, b), device, 3, 10 if cuda else 3, inner=5 if cuda else 1)
+    return {"copy_gbps": 2 * n / copy_ms / 1e6, "copy_bytes": n, "mm_tflops": 2 * m**3 / mm_ms / 1e9,
+            "mm_n": m, "mm_dtype": str(dtype).replace("torch.", "")}
+
+
+def model_facts(model) -> dict:
+    cfg = model.config.get_text_config(decoder=True)
+    params = list({p.data_ptr(): p for p in model.parameters()}.values())  # tied weights once
+    emb, out = model.get_input_embeddings().weight, model.get_output_embeddings()
+    tied = out is not None and out.weight.data_ptr() == emb.data_ptr()
+    heads = cfg.num_attention_heads
+    return {"params": sum(p.numel() for p in params),  # an untied input embedding is only gathered:
+            "matmul_params": sum(p.numel() for p in params) - (0 if tied else emb.numel()),
+            "elt": emb.element_size(), "layers": cfg.num_hidden_layers, "heads": heads,
+            "kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            "weights_checksum": float(sum(p.float().sum().item() for p in params))}
+
+
+@dataclass
+class Workload:
+    name: str
+    kind: str  # decode | prefill
+    batch: int
+    tokens: int  # cached tokens for decode, sequence length for prefill
+    module: torch.nn.Module
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+
+def decode_workload(model, batch: int, ctx: int, filled: dict, gen, vocab: int) -> Workload:
+    """A StaticDecoder of `batch` rows whose cache every row copies from one eager prefill of ctx tokens."""
+    from turbofx.compiler.generation import StaticDecoder
+    device, max_len = model.device, ctx + 64
+    if ctx not in filled:
+        src = filled[ctx] = StaticDecoder(model, 1, max_len).eval()
+        ids, pos = torch.randint(vocab, (1, ctx), generator=gen).to(device), torch.arange(ctx, device=device)
+        src(ids, pos, torch.ones(1, max_len, dtype=torch.long, device=device), pos[None])
+    dec = StaticDecoder(model, batch, max_len).eval()
+    for name, buf in dec.named_buffers():
+        if name.startswith(("key_cache_", "value_cache_")):
+            buf.copy_(filled[ctx].get_buffer(name).expand_as(buf))
+    args = (torch.randint(vocab, (batch, 1), generator=gen).to(device), torch.tensor([ctx], device=device),
+            torch.ones(batch, max_len, dtype=torch.long, device=device), torch.full((batch, 1), ctx, device=device))
+    return Workload(f"decode b{batch} ctx{ctx}", "decode", batch, ctx, dec, args)
+
+
 def logits_of(out) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out[0]
+    return out if isinstance(out, torch.Tensor) else out.logits if hasattr(out, "logits") else out[0]
 
 
-def cache_spelling(model) -> tuple[str, bool]:
-    """(name of the cache kwarg, whether forward takes cache_position): transformers 5.24 renamed
-    `past_key_values=` to `cache=` and dropped `cache_position`; 5.17 has `past_key_values=` only."""
-    params = inspect.signature(model.forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), "cache_position" in params
+def cuda_graph(step):
+    """Warm up on a side stream, capture one call; the replay returns the captured output."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
 
 
-def decode_inputs(model, ctx_ids: torch.Tensor, next_tok: torch.Tensor):
-    """A fresh StaticCache pre-filled by eager with ctx tokens; returns (kwargs, rewind)."""
-    from transformers import StaticCache
-    ctx, device = ctx_ids.shape[1], ctx_ids.device
-    cache = StaticCache(config=model.config, max_cache_len=ctx + 8)
-    name, has_pos = cache_spelling(model)
-    prefill = {"input_ids": ctx_ids, name: cache, "use_cache": True}
-    if has_pos:
-        prefill["cache_position"] = torch.arange(ctx, device=device)
-    model(**prefill)
-    kwargs = {"input_ids": next_tok, name: cache, "use_cache": True}
-    if has_pos:
-        kwargs["cache_position"] = torch.tensor([ctx], device=device)
-
-    def rewind() -> None:  # StaticLayer.update advances `cumulative_length` in place (5.x)
-        for layer in getattr(cache, "layers", []):
-            n = getattr(layer, "cumulative_length", None)
-            if isinstance(n, torch.Tensor):
-                n.fill_(ctx)
-    return kwargs, rewind
-
-
-def build(name: str, model, kwargs: dict):
-    if name == "eager":
-        return model
-    if name == "inductor":
+def build(name: str, wl: Workload, built: dict):
+    """The contestant's step for this workload, called once (so compiled); `built` keeps compiled fns."""
+    if name.startswith("eager"):
+        fn = wl.module
+    elif name == "turbofx":
+        import turbofx
+        fn = turbofx.compile(wl.module, wl.args, wl.kwargs)
+    elif name == "inductor+cudagraph" and "inductor" in built:
+        fn = built["inductor"]  # capture the inductor row's compiled step, no second compile
+    else:
         torch._dynamo.reset()
-        return torch.compile(model)
-    import turbofx
-    return turbofx.compile(model, example_args=(), example_kwargs=kwargs)
+        fn = torch.compile(wl.module, dynamic=False, mode="reduce-overhead" if name == RO else None)
+    built[name] = fn
+
+    def step():
+        if name == RO:
+            torch.compiler.cudagraph_mark_step_begin()
+        return fn(*wl.args, **wl.kwargs)
+    step()
+    return cuda_graph(step) if name.endswith("+cudagraph") else step
+
+
+class Grab(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.msgs: list[str] = []
+
+    def emit(self, record):
+        self.msgs.append(record.getMessage())
+
+
+def compile_twice(name: str, wl: Workload, rep: dict, state: dict, args) -> None:
+    """Cold: this row's compile (the contestant's first in the process); warm: the same compile again."""
+    entry = state["compile"][name] = {"workload": wl.name, "cold_s": rep["compile_s"]}
+    if name == "inductor" and args.quick:
+        entry["note"] = "warm compile skipped in --quick"
+        return
+    sync(args.dev)
+    t0 = time.perf_counter()
+    build(name, wl, state["built"])  # Inductor: after torch._dynamo.reset(), inside build
+    sync(args.dev)
+    entry["warm_s"] = time.perf_counter() - t0
+
+
+def run_one(name: str, wl: Workload, ref, args, state: dict) -> tuple[dict, torch.Tensor | None]:
+    dev, cuda = args.dev, args.dev.type == "cuda"
+    rep: dict = {"workload": wl.name, "kind": wl.kind, "batch": wl.batch, "tokens": wl.tokens,
+                 "contestant": name, "status": "error"}
+    if name in NEEDS_CUDA and not cuda:
+        rep.update(status="skipped", reason="no CUDA")
+        return rep, None
+    out = step = None
+    grab, skips = Grab(), 0
+    try:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        if name == RO:
+            from torch._dynamo.utils import counters
+            for log in ("cudagraphs", "perf_hints"):
+                logging.getLogger(f"torch._inductor.cudagraph_utils.__{log}").addHandler(grab)
+            skips = counters["inductor"]["cudagraph_skips"]
+        sync(dev)
+        t0 = time.perf_counter()
+        step = build(name, wl, state["built"])
+        out = logits_of(step()).clone()
+        sync(dev)
+        rep["compile_s"] = time.perf_counter() - t0  # first call, compile (and capture) included
+        if name == "turbofx":
+            explain(state["built"]["turbofx"], rep)
+        rep["ms"] = time_ms(step, dev, args.warmup, args.iters, args.inner if wl.kind == "decode" else 1)
+        if cuda:
+            rep["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            rep["extra_mib"] = rep["peak_mib"] - base / 2**20
+        rep["status"] = "ok"
+        if name in ("inductor", "turbofx") and name not in state["compile"]:
+            compile_twice(name, wl, rep, state, args)
+        if ref is not None:  # loose sanity check against eager: catches garbage, not rounding
+            err = (out.float() - ref.float()).abs().max().item()
+            rep["max_abs_err"], rep["rel_err"] = err, err / max(ref.float().abs().max().item(), 1e-6)
+            if not rep["rel_err"] < 0.1:
+                rep["status"], rep["reason"] = "mismatch", f"max abs err {err:.3g} vs eager (rel {rep['rel_err']:.3g})"
+        if name == RO and counters["inductor"]["cudagraph_skips"] > skips:
+            rep["status"] = "cudagraphs-skipped"
+            rep["reason"] = "; ".join(grab.msgs)[:300] or "inductor counted a cudagraph skip"
+    except Exception as e:
+        traceback.print_exc()
+        rep["reason"] = f"{type(e).__name__}: {e}"[:300]
+        out = None
+    finally:
+        del step
+        for log in ("cudagraphs", "perf_hints"):
+            logging.getLogger(f"torch._inductor.cudagraph_utils.__{log}").removeHandler(grab)
+    print(f"[{wl.name}] {name}: {rep['status']} {rep.get('ms', '')}", file=sys.stderr, flush=True)
+    return rep, out
 
 
 def explain(cm, rep: dict) -> None:
@@ -115,166 +270,263 @@ def explain(cm, rep: dict) -> None:
         kinds: dict[str, int] = {}
         for k in report.kernels:
             kinds[k.kind] = kinds.get(k.kind, 0) + 1
-        rep["turbofx"] = {"kernels": len(report.kernels), "kinds": kinds,
-                          "stage_seconds": dict(report.stage_seconds)}
+        rep["turbofx"] = {"kernels": len(report.kernels), "kinds": kinds, "stage_seconds": dict(report.stage_seconds)}
     except Exception as e:  # the benchmark still runs; the failure is recorded
         rep["explain_error"] = f"{type(e).__name__}: {e}"[:300]
 
 
-def run_one(name, workload, model, make_inputs, ref, args, device) -> tuple[dict, torch.Tensor | None]:
-    rep: dict = {"workload": workload, "contestant": name, "status": "error"}
-    out = fn = None
+def run_child(args, meta: dict, names: list[str]) -> list[dict]:
+    """The reduce-overhead rows, from a child process: a segfault there cannot take these results."""
+    fd, path = tempfile.mkstemp(suffix=".json", prefix="llm-ro-")
+    os.close(fd)
+    argv = ["--child", "--json", path, "--contestants", f"eager,{RO}", "--device", args.device, "--dtype", args.dtype,
+            "--batches", ",".join(map(str, args.batches)), "--ctx", ",".join(map(str, args.ctx)),
+            "--prefill-len", str(args.prefill_len), "--iters", str(args.iters), "--warmup", str(args.warmup),
+            "--inner", str(args.inner), "--workloads", "decode" if args.quick else args.workloads]
+    argv += (["--config", args.config] if args.config else []) + (["--quick"] if args.quick else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    print(f"{RO}: child process, timeout {args.child_timeout}s", file=sys.stderr, flush=True)
     try:
-        gc.collect()
-        kwargs, before = make_inputs()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        sync(device)
-        t0 = time.perf_counter()
-        fn = build(name, model, kwargs)
-        before()
-        out = logits_of(fn(**kwargs))
-        sync(device)
-        rep["compile_s"] = time.perf_counter() - t0  # first call, compile included
-        if name == "turbofx":
-            explain(fn, rep)
-        rep["ms"] = time_ms(lambda: fn(**kwargs), before, args.warmup, args.iters, device)
-        if device.type == "cuda":
-            rep["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        rep["status"] = "ok"
-        if ref is not None:  # loose sanity check against eager: catches garbage, not rounding
-            err = (out.float() - ref.float()).abs().max().item()
-            rep["max_abs_err"], rep["rel_err"] = err, err / max(ref.float().abs().max().item(), 1e-6)
-            if not rep["rel_err"] < 0.1:
-                rep["status"], rep["reason"] = "mismatch", f"max abs err {err:.3g} vs eager (rel {rep['rel_err']:.3g})"
-    except Exception as e:
-        traceback.print_exc()
-        rep["reason"] = f"{type(e).__name__}: {e}"[:300]
-        out = None
-    finally:
-        del fn
-        if name == "inductor":
-            torch._dynamo.reset()
-    print(f"[{workload}] {name}: {rep.get('status')} {rep.get('ms', '')}", file=sys.stderr, flush=True)
-    return rep, out
+        p = subprocess.run([sys.executable, "-m", "benchmarks.llm", *argv], cwd=ROOT, env=env, text=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=args.child_timeout)
+        rc, err = p.returncode, p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, err = None, e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        data = {}
+    os.unlink(path)
+    rows = {r["workload"]: r for r in data.get("results", []) if r["contestant"] == RO}
+    same = data.get("meta", {}).get("weights_checksum") in (None, meta["weights_checksum"])
+    why = (f"timeout after {args.child_timeout}s" if rc is None else
+           f"child killed by {signal.Signals(-rc).name}" if rc < 0 else f"child exited {rc}" if rc else "no row")
+    tail = " / ".join(line.strip() for line in err.strip().splitlines()[-3:])
+    out, first = [], None
+    for wl in names:
+        if wl in rows:
+            out.append({**rows[wl], **({} if same else {"note": "child weights checksum differs"})})
+        elif args.quick and wl.startswith("prefill"):
+            out.append({"workload": wl, "contestant": RO, "status": "skipped", "reason": "--quick: decode only"})
+        else:
+            status = "timeout" if rc is None else "crash" if rc < 0 else "error"
+            reason = f"{why}: {tail}" if first is None else f"not run: child stopped at {first} ({why})"
+            out.append({"workload": wl, "contestant": RO, "status": status if first is None else "not run",
+                        "reason": reason[:300]})
+            first = first or wl
+    return out
 
 
-def add_ratios(results: list[dict]) -> None:
+def add_metrics(results: list[dict], facts: dict, probes: dict | None) -> None:
+    f = facts
     for r in results:
-        base = {x["contestant"]: x.get("ms") for x in results
-                if x["workload"] == r["workload"] and x.get("ms")}
-        if r.get("ms"):
-            for other in ("eager", "inductor"):
-                if base.get(other):
-                    r[f"vs_{other}"] = base[other] / r["ms"]
+        ms, b, n = r.get("ms"), r.get("batch", 1), r.get("tokens", 0)
+        if not ms:
+            continue
+        if r["kind"] == "decode":
+            r["ms_per_token"], r["tokens_per_s"] = ms, b * 1e3 / ms
+            r["bytes_per_step"] = (f["matmul_params"] + 2 * f["layers"] * b * f["kv_heads"] * f["head_dim"] * (n + 1)) * f["elt"]
+            if probes:
+                r["roofline_pct"] = 100 * r["bytes_per_step"] / probes["copy_gbps"] / 1e6 / ms
+        else:
+            r["tokens_per_s"] = b * n * 1e3 / ms
+            r["flops"] = 2 * f["matmul_params"] * b * n + 2 * f["layers"] * b * f["heads"] * f["head_dim"] * n * n
+            r["tflops"] = r["flops"] / ms / 1e9
+            if probes:
+                r["mm_peak_pct"] = 100 * r["tflops"] / probes["mm_tflops"]
+    for r in results:
+        base = {x["contestant"]: x.get("ms") for x in results if x["workload"] == r["workload"] and x.get("ms")}
+        for other in ("eager", "inductor"):
+            if r.get("ms") and base.get(other):
+                r[f"vs_{other}"] = base[other] / r["ms"]
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], compiles: dict) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
-    lines = ["| workload | contestant | ms | vs eager (x) | vs inductor (x) | compile s | peak MiB | max abs err | status |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| workload | contestant | ms/step | tokens/s | roofline | vs eager | vs inductor | compile s "
+             "| peak MiB | max abs err | status |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')[:120]}"
-        lines.append(f"| {r['workload']} | {r['contestant']} | {f(r.get('ms'), '.3f')} | {f(r.get('vs_eager'), '.2f')} "
-                     f"| {f(r.get('vs_inductor'), '.2f')} | {f(r.get('compile_s'), '.1f')} | {f(r.get('peak_mib'), '.0f')} "
-                     f"| {f(r.get('max_abs_err'), '.2e')} | {status.replace('|', '/')} |")
+        eff = (f"{r['roofline_pct']:.0f}% of copy BW" if "roofline_pct" in r else
+               f"{r['tflops']:.1f} TF/s ({r['mm_peak_pct']:.0f}% mm)" if "mm_peak_pct" in r else "-")
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')[:100]}"
+        lines.append(f"| {r['workload']} | {r['contestant']} | {f(r.get('ms'), '.3f')} | {f(r.get('tokens_per_s'), '.1f')} "
+                     f"| {eff} | {f(r.get('vs_eager'), '.2f')} | {f(r.get('vs_inductor'), '.2f')} "
+                     f"| {f(r.get('compile_s'), '.1f')} | {f(r.get('peak_mib'), '.0f')} | {f(r.get('max_abs_err'), '.2e')} "
+                     f"| {status.replace('|', '/')} |")
+    lines += ["", "| compile | workload | cold s | warm s | note |", "|---|---|---:|---:|---|"]
+    lines += [f"| {k} | {v['workload']} | {f(v.get('cold_s'), '.1f')} | {f(v.get('warm_s'), '.1f')} | {v.get('note', '')} |"
+              for k, v in compiles.items()]
     errors = [f"- {r['workload']}/{r['contestant']}: {r.get('reason') or r.get('explain_error') or r['status']}"
-              for r in results if r["status"] != "ok" or r.get("explain_error")]
+              for r in results if r["status"] not in ("ok", "skipped") or r.get("explain_error")]
     return "\n".join(lines + (["", "failures:"] + errors if errors else []))
+
+
+def plot(results: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, no plot (pip install matplotlib)")
+        return
+    rows = [r for r in results if r.get("kind") == "decode"]
+    wls = list(dict.fromkeys(r["workload"] for r in rows))
+    names = list(dict.fromkeys(r["contestant"] for r in rows if r.get("tokens_per_s")))
+    if not wls or not names:
+        return
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(wls)), 4.5))
+    w = 0.8 / len(names)
+    for i, n in enumerate(names):
+        tps = {r["workload"]: r.get("tokens_per_s") for r in rows if r["contestant"] == n}
+        ax.bar([j + i * w for j in range(len(wls))], [tps.get(x) or float("nan") for x in wls], w, label=n)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(wls))], wls)
+    ax.set_yscale("log")
+    ax.set_ylabel("decode tokens/s (higher is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer iterations (~3 min on one H100)")
-    p.add_argument("--json", metavar="PATH", help="write results as JSON (rewritten after every contestant)")
+    p.add_argument("--quick", action="store_true", help="decode batch 1,32 at ctx 512 + prefill, fewer iterations")
+    p.add_argument("--json", metavar="PATH", help="write results as JSON (rewritten after every row)")
+    p.add_argument("--plot", metavar="PATH", help="decode tokens/s PNG (default: next to --json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on cuda, fp32 on cpu")
     p.add_argument("--config", help="MODEL_TYPE[:JSON overrides]; default llama (1B shape on cuda, tiny on cpu)")
-    p.add_argument("--ctx", type=int, default=512, help="cached tokens for decode")
+    p.add_argument("--batches", help="decode batch sizes; default 1,8,32 (quick 1,32; cpu 1,4)")
+    p.add_argument("--ctx", help="decode cached tokens; default 512,1024 (quick 512; cpu 64)")
     p.add_argument("--prefill-len", type=int, help="default 2048 on cuda, 32 on cpu")
     p.add_argument("--iters", type=int)
     p.add_argument("--warmup", type=int)
-    p.add_argument("--workloads", default="prefill,decode")
+    p.add_argument("--inner", type=int, help="decode calls per timed sample")
+    p.add_argument("--workloads", default="decode,prefill")
     p.add_argument("--contestants", default=",".join(CONTESTANTS))
+    p.add_argument("--child-timeout", type=int, help=f"seconds for the {RO} child; default 900 (quick 150)")
+    p.add_argument("--fresh-caches", action="store_true", help="empty Inductor/Triton/turbofx caches: cold is cold")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     cuda = a.device.startswith("cuda")
     a.dtype = a.dtype or ("bf16" if cuda else "fp32")
+    a.batches = [int(x) for x in (a.batches or ("1,4" if not cuda else "1,32" if a.quick else "1,8,32")).split(",")]
+    a.ctx = [int(x) for x in (a.ctx or ("64" if not cuda else "512" if a.quick else "512,1024")).split(",")]
     a.prefill_len = a.prefill_len or (2048 if cuda else 32)
-    a.iters = a.iters or ((10 if a.quick else 30) if cuda else (3 if a.quick else 5))
+    a.iters = a.iters or ((10 if a.quick else 20) if cuda else (2 if a.quick else 3))
     a.warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
+    a.inner = a.inner or ((5 if a.quick else 10) if cuda else 1)
+    a.child_timeout = a.child_timeout or (150 if a.quick else 900)
     return a
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if "turbofx" in args.contestants:
+    device = args.dev = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.fresh_caches and not args.child:
+        fresh = tempfile.mkdtemp(prefix="llm-bench-caches-")
+        for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TURBOFX_CACHE_DIR"):
+            os.environ[var] = os.path.join(fresh, var.split("_")[0].lower())
+    names = [n for n in args.contestants.split(",") if n]
+    if "turbofx" in names or "decode" in args.workloads:
         try:  # before triton/transformers: on CPU turbofx must switch on Triton's interpreter first
             import turbofx  # noqa: F401
         except Exception:
-            traceback.print_exc()  # the turbofx contestants will record the error
+            traceback.print_exc()  # the turbofx rows will record the error
     import transformers
     from transformers import AutoModelForCausalLM
     cfg = make_config(args.config, device)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    gen = torch.Generator().manual_seed(0)
+    facts = model_facts(model)
     vocab = cfg.get_text_config(decoder=True).vocab_size
-    prefill_ids = torch.randint(vocab, (1, args.prefill_len), generator=gen).to(device)
-    ctx_ids = torch.randint(vocab, (1, args.ctx), generator=gen).to(device)
-    next_tok = torch.randint(vocab, (1, 1), generator=gen).to(device)
     try:
         import triton
     except ImportError:
         triton = None
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "triton": getattr(triton, "__version__", None), "transformers": transformers.__version__,
-            "python": platform.python_version(), "dtype": args.dtype, "ctx": args.ctx,
-            "prefill_len": args.prefill_len, "iters": args.iters, "warmup": args.warmup, "quick": args.quick,
-            "cache_kwarg": cache_spelling(model)[0], "cache_position": cache_spelling(model)[1],
-            "params": sum(p.numel() for p in model.parameters()), "config": cfg.to_dict()}
+            "torch": torch.__version__, "triton": getattr(triton, "__version__", None),
+            "transformers": transformers.__version__, "python": platform.python_version(), "dtype": args.dtype,
+            "batches": args.batches, "ctx": args.ctx, "prefill_len": args.prefill_len, "iters": args.iters,
+            "warmup": args.warmup, "inner": args.inner, "quick": args.quick, **facts, "config": cfg.to_dict(),
+            "probes": None if args.child else probe(device, dtype), "compile": {}}
+    specs = [("decode", b, c) for c in args.ctx for b in args.batches if "decode" in args.workloads.split(",")]
+    specs += [("prefill", 1, args.prefill_len)] if "prefill" in args.workloads.split(",") else []
+    wl_names = [f"decode b{b} ctx{c}" if k == "decode" else f"prefill {b}x{c}" for k, b, c in specs]
     results: list[dict] = []
+    state = {"built": {}, "compile": meta["compile"]}
 
     def dump() -> None:
-        if args.json:
-            with open(args.json, "w") as fh:
+        add_metrics(results, facts, meta["probes"])
+        if args.json:  # atomically: a reader (or a crash) never sees half a file
+            with open(args.json + ".tmp", "w") as fh:
                 json.dump({"meta": meta, "results": results}, fh, indent=2, default=str)
+            os.replace(args.json + ".tmp", args.json)
 
     def on_term(signum, frame):  # `timeout` sends SIGTERM: still print what we have
         raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
-    workloads = {
-        "prefill": lambda: ({"input_ids": prefill_ids, "use_cache": False}, lambda: None),
-        "decode": lambda: decode_inputs(model, ctx_ids, next_tok),
-    }
-    current = None
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    gen, filled, current = torch.Generator().manual_seed(0), {}, None
+    here = [n for n in names if n != RO or args.child]
     try:
         with torch.no_grad():
-            for workload in args.workloads.split(","):
+            for (kind, b, n), wl_name in zip(specs, wl_names):
+                try:
+                    wl = (decode_workload(model, b, n, filled, gen, vocab) if kind == "decode" else
+                          Workload(wl_name, kind, b, n, model, (torch.randint(vocab, (b, n), generator=gen).to(device),),
+                                   {"use_cache": False}))
+                except Exception as e:
+                    traceback.print_exc()
+                    results.extend({"workload": wl_name, "kind": kind, "contestant": c, "status": "error",
+                                    "reason": f"workload setup: {type(e).__name__}: {e}"[:300]} for c in here)
+                    continue
                 ref = None
-                for name in args.contestants.split(","):
-                    current = {"workload": workload, "contestant": name, "status": "interrupted"}
-                    rep, out = run_one(name, workload, model, workloads[workload], ref, args, device)
-                    if name == "eager" and out is not None:
-                        ref = out.clone()
+                for name in here:
+                    current = {"workload": wl_name, "kind": kind, "contestant": name, "status": "interrupted"}
+                    rep, out = run_one(name, wl, ref, args, state)
+                    ref = out if name == "eager" else ref
                     results.append(rep)
                     current = None
-                    add_ratios(results)
                     dump()
-                del ref
+                del wl, ref
+                state["built"].clear()
+                torch._dynamo.reset()
+            filled.clear()
+            if RO in names and not args.child:
+                results.extend(run_child(args, meta, wl_names) if device.type == "cuda" else
+                               [{"workload": w, "contestant": RO, "status": "skipped", "reason": "no CUDA"} for w in wl_names])
     except KeyboardInterrupt:
         meta["interrupted"] = True
         results.extend([current] if current else [])
         print("interrupted: partial results", file=sys.stderr)
-    add_ratios(results)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    kinds = {n: k for n, (k, _, _) in zip(wl_names, specs)}
+    for r in results:
+        r.setdefault("kind", kinds.get(r["workload"]))
+        r.setdefault("batch", 1 if r["kind"] == "prefill" else int(r["workload"].split()[1][1:]))
+        r.setdefault("tokens", args.prefill_len if r["kind"] == "prefill" else int(r["workload"].split("ctx")[1]))
+    order = {(w, c): i for i, (w, c) in enumerate((w, c) for w in wl_names for c in CONTESTANTS)}
+    results.sort(key=lambda r: order.get((r["workload"], r["contestant"]), len(order)))
     dump()
+    if args.child:
+        return 0
+    pr = meta["probes"]
     print(f"device: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  transformers "
-          f"{meta['transformers']}  dtype {args.dtype}  params {meta['params'] / 1e6:.1f}M  ctx {args.ctx}  "
-          f"prefill {args.prefill_len}  iters {args.iters}\n")
-    print(table(results))
+          f"{meta['transformers']}  dtype {args.dtype}  params {facts['params'] / 1e6:.1f}M  copy "
+          f"{pr['copy_gbps']:.0f} GB/s  mm {pr['mm_tflops']:.1f} TFLOP/s ({pr['mm_dtype']})  iters {args.iters}\n")
+    text = table(results, meta["compile"])
+    print(text)
+    if args.json:
+        with open(os.path.splitext(args.json)[0] + ".md", "w") as fh:
+            fh.write(text + "\n")
+    if args.plot or args.json:
+        plot(results, args.plot or os.path.splitext(args.json)[0] + ".png")
     return 1 if meta.get("interrupted") else 0
 
 

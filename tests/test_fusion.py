@@ -77,3 +77,14 @@ def test_cat_with_empty_and_symbolic_pieces():
     torch.testing.assert_close(cm(a, b, e), M()(a, b, e))
     a2, b2 = torch.randn(3, 7), torch.randn(3, 2)
     torch.testing.assert_close(cm(a2, b2, e), M()(a2, b2, e))
+
+
+def test_cat_of_the_same_tensor_twice():
+    class M(torch.nn.Module):  # rotary tables: emb = cat((freqs, freqs), -1)
+        def forward(self, f):
+            return torch.cat((f, f), dim=-1).cos()
+
+    f = torch.randn(5, 4)
+    cm = turbofx.compile(M(), (f,))
+    torch.testing.assert_close(cm(f), M()(f))
+    assert not turbofx.explain(cm).fallbacks

@@ -117,18 +117,16 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
         pieces = _cat_pieces(n)
         if pieces:
             cat_dims[n] = pieces
-        for a in n.all_input_nodes:
+            reads = [(("piece", k), a, (st, en)) for k, (a, st, en) in enumerate(pieces[1])]
+        else:
+            reads = [(a, a, None) for a in n.all_input_nodes]
+        for slot, a, piece in reads:
             if a in region.members or not isinstance(a.meta.get("val"), torch.Tensor):
                 continue
             # a reduction reads its input over the whole row; other nodes at their own index
             consumer_idx = list(full_idx if n.target in REDUCTIONS else index_of(n))
-            piece = None
-            if pieces:  # a cat piece is read at the cat index shifted back by the piece's start
-                d, spans = pieces
-                piece = next(((st, en) for p_, st, en in spans if p_ is a), None)
-                if piece is None:  # an empty piece is never read
-                    continue
-                consumer_idx[d] = consumer_idx[d] - piece[0]
+            if piece is not None:  # a cat piece is read at the cat index shifted back by its start
+                consumer_idx[pieces[0]] = consumer_idx[pieces[0]] - piece[0]
             idx = ix.broadcast_index(consumer_idx, ix.shape_of(a))
             base, bidx = ix.fold_views(a, idx, lambda v: v not in region.members)
             off = ix.offset(bidx, ix.strides_of(base))
@@ -136,7 +134,7 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
             ptr = bases.setdefault(base, f"in{len(bases)}")
             key = (base, off, piece, n if piece else None)
             loads.setdefault(key, (ptr, off, is_row))
-            node_access[(n, a)] = key
+            node_access[(n, slot)] = key
     outputs = region.outputs()
     stores = []
     for k, o in enumerate(outputs):
@@ -180,17 +178,19 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
     looped = red and not (rnumel.is_Integer and int(rnumel) <= persistent_rmax)
     outer = _Scope(4)
 
+    def load_at(scope: _Scope, key) -> str:
+        got = scope.lookup(key, "loaded")
+        if got is None:
+            got = scope.loaded[key] = w.tmp_at(scope.indent, load_code(key))
+        return got
+
     def arg_code(scope: _Scope, n: fx.Node, a):
         if isinstance(a, fx.Node):
             if a in region.members:
                 return need(scope, a)
             v = a.meta.get("val")
             if isinstance(v, torch.Tensor):
-                key = node_access[(n, a)]
-                got = scope.lookup(key, "loaded")
-                if got is None:
-                    got = scope.loaded[key] = w.tmp_at(scope.indent, load_code(key))
-                return got
+                return load_at(scope, node_access[(n, a)])
             e = ix.to_expr(v)
             scalar_syms.update(s.name for s in e.free_symbols)
             return f"({ix.pyexpr(e)})"
@@ -212,7 +212,7 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
         if n in cat_dims:  # select the piece whose span holds the index; others are masked loads
             cidx = ix.pyexpr(cat_exprs[n])
             spans = cat_dims[n][1]
-            codes = [arg_code(scope, n, p_) for p_, _, _ in spans]
+            codes = [load_at(scope, node_access[(n, ("piece", k))]) for k in range(len(spans))]
             code = codes[-1]
             for (_, _, end), piece in zip(reversed(spans[:-1]), reversed(codes[:-1])):
                 code = f"tl.where({cidx} < {ix.pyexpr(end)}, {piece}, {code})"
