@@ -3,33 +3,28 @@
     python -m benchmarks.llm [--quick] [--json PATH] [--plot PATH] [--device cuda|cpu] [--dtype bf16|fp16|fp32]
         [--config MODEL_TYPE[:JSON]] [--batches 1,8,32] [--ctx 512,1024] [--prefill-len 2048] [--fresh-caches]
 
-Contestants (in this order)
-  eager                     the HF model as it is
-  eager+cudagraph           one step captured with torch.cuda.graph over static inputs, then replayed
-  turbofx                   decode: turbofx.compile(StaticDecoder(...)), the compiled program owns the KV
-                            cache; prefill: turbofx.compile(model, (ids,), {"use_cache": False})
-  inductor                  torch.compile(dynamic=False)
-  inductor+cudagraph        the inductor row's compiled step, warmed up, captured in a manual CUDA graph
-  inductor-reduce-overhead  torch.compile(mode="reduce-overhead"). Run last, in a child process with a
-                            timeout (it segfaulted on an H200 before): a crash, timeout or "skipped
-                            cudagraphs" is its result. The child builds the same weights (same seed,
-                            checksum compared) and inputs. --quick runs it on decode only.
-Workloads
-  decode   one step, one new token per sequence, batch B, onto a StaticCache holding ctx tokens (max length
-           ctx+64; filled once by eager from real tokens). Every contestant runs the same StaticDecoder
-           module; a step rewrites slot ctx, so repeated calls are identical.
-  prefill  one forward of 1 x prefill_len tokens, use_cache=False
-Metrics: ms per step (= ms/token of each sequence), tokens/s; % of the memory roofline = (weights + KV
-read) bytes / copy bandwidth measured in this run; prefill model TFLOP/s (2 x matmul params x tokens + causal
-attention) and % of a torch.mm peak measured in this run; compile s (first call); cold compile (the
-contestant's first in the process) and warm compile (again: after torch._dynamo.reset() for Inductor, a
-second turbofx.compile, whose kernel cache is on disk); peak memory. A failure is recorded per row
-(status error / mismatch / skipped / crash / timeout) and never stops the others; the JSON is rewritten
-after every row. CUDA graph contestants are "skipped: no CUDA" on CPU.
+Contestants, in this order: eager; eager+cudagraph (one decode step captured with torch.cuda.graph over
+static inputs, replayed); turbofx (decode: turbofx.compile(StaticDecoder(...)), the compiled program owns
+the KV cache; prefill: turbofx.compile(model, (ids,), {"use_cache": False})); inductor (torch.compile,
+dynamic=False); inductor+cudagraph (the inductor row's compiled step, warmed up, captured in a manual CUDA
+graph); inductor-reduce-overhead (mode="reduce-overhead": run last in a child process with a timeout, as it
+segfaulted on an H200 before; a crash, timeout or "skipped cudagraphs" is its result; same seed, weights
+checksum compared; decode only with --quick). The manual CUDA graph contestants time decode only.
+Decode: one step of one new token per sequence at batch B onto a StaticCache holding ctx tokens (max length
+ctx+64, filled once by eager from real tokens); every contestant runs the same StaticDecoder module and a
+step rewrites slot ctx, so calls repeat exactly. Prefill: one forward of 1 x prefill_len, use_cache=False.
+Metrics: ms per step (= ms/token of each sequence) and tokens/s; % of the memory roofline = (weights + KV
+read) bytes / device copy bandwidth measured in this run; prefill model TFLOP/s (2 x matmul params x tokens
++ causal attention) and its % of a torch.mm peak measured in this run; compile s (first call); cold (the
+contestant's first compile in the process) and warm compile (again, after torch._dynamo.reset() for
+Inductor; a second turbofx.compile, whose kernel cache is on disk); peak memory. Failures are recorded per
+row (error / mismatch / skipped / crash / timeout), never stop the others, and the JSON is rewritten after
+every row. On CPU the CUDA graph contestants are "skipped: no CUDA".
 """
 from __future__ import annotations
 
-import argparse, gc, json, logging, os, platform, signal, statistics, subprocess, sys, tempfile, time, traceback  # noqa: E401
+import argparse, gc, json, logging, logging.handlers, os, platform, signal, statistics, subprocess, sys, tempfile, time, traceback  # noqa: E401
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +40,7 @@ RO = "inductor-reduce-overhead"
 CONTESTANTS = ("eager", "eager+cudagraph", "turbofx", "inductor", "inductor+cudagraph", RO)
 NEEDS_CUDA = ("eager+cudagraph", "inductor+cudagraph", RO)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CG_LOGS = [f"torch._inductor.cudagraph_utils.__{n}" for n in ("cudagraphs", "perf_hints")]  # "skipping cudagraphs"
 
 
 def make_config(spec: str | None, device: torch.device):
@@ -64,25 +60,20 @@ def sync(device: torch.device) -> None:
 
 
 def time_ms(step, device: torch.device, warmup: int, iters: int, inner: int = 1) -> float:
-    """Median ms per call over `iters` samples of `inner` back-to-back calls."""
+    """Median ms per call over `iters` samples of `inner` back-to-back calls (CUDA events on GPU)."""
     for _ in range(warmup):
         step()
     sync(device)
-    times = []
+    cuda, times = device.type == "cuda", []
     for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                step()
+        start, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else (None, None)
+        t0 = start.record() if cuda else time.perf_counter()
+        for _ in range(inner):
+            step()
+        if cuda:
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / inner)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                step()
-            times.append((time.perf_counter() - t0) * 1e3 / inner)
+        times.append((start.elapsed_time(end) if cuda else (time.perf_counter() - t0) * 1e3) / inner)
     return statistics.median(times)
 
 
@@ -114,15 +105,20 @@ def model_facts(model) -> dict:
             "weights_checksum": float(sum(p.float().sum().item() for p in params))}
 
 
+def spec(kind: str, batch: int, tokens: int) -> dict:
+    """A workload as recorded in every row; tokens: cached tokens (decode) or sequence length (prefill)."""
+    name = f"decode b{batch} ctx{tokens}" if kind == "decode" else f"prefill {batch}x{tokens}"
+    return {"workload": name, "kind": kind, "batch": batch, "tokens": tokens}
+
+
 @dataclass
 class Workload:
-    name: str
-    kind: str  # decode | prefill
-    batch: int
-    tokens: int  # cached tokens for decode, sequence length for prefill
+    spec: dict
     module: torch.nn.Module
     args: tuple
     kwargs: dict = field(default_factory=dict)
+    name = property(lambda self: self.spec["workload"])
+    kind = property(lambda self: self.spec["kind"])
 
 
 def decode_workload(model, batch: int, ctx: int, filled: dict, gen, vocab: int) -> Workload:
@@ -139,7 +135,7 @@ def decode_workload(model, batch: int, ctx: int, filled: dict, gen, vocab: int) 
             buf.copy_(filled[ctx].get_buffer(name).expand_as(buf))
     args = (torch.randint(vocab, (batch, 1), generator=gen).to(device), torch.tensor([ctx], device=device),
             torch.ones(batch, max_len, dtype=torch.long, device=device), torch.full((batch, 1), ctx, device=device))
-    return Workload(f"decode b{batch} ctx{ctx}", "decode", batch, ctx, dec, args)
+    return Workload(spec("decode", batch, ctx), dec, args)
 
 
 def logits_of(out) -> torch.Tensor:
@@ -186,15 +182,6 @@ def build(name: str, wl: Workload, built: dict):
     return cuda_graph(step) if name.endswith("+cudagraph") else step
 
 
-class Grab(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.msgs: list[str] = []
-
-    def emit(self, record):
-        self.msgs.append(record.getMessage())
-
-
 def compile_twice(name: str, wl: Workload, rep: dict, state: dict, args) -> None:
     """Cold: this row's compile (the contestant's first in the process); warm: the same compile again."""
     entry = state["compile"][name] = {"workload": wl.name, "cold_s": rep["compile_s"]}
@@ -210,13 +197,12 @@ def compile_twice(name: str, wl: Workload, rep: dict, state: dict, args) -> None
 
 def run_one(name: str, wl: Workload, ref, args, state: dict) -> tuple[dict, torch.Tensor | None]:
     dev, cuda = args.dev, args.dev.type == "cuda"
-    rep: dict = {"workload": wl.name, "kind": wl.kind, "batch": wl.batch, "tokens": wl.tokens,
-                 "contestant": name, "status": "error"}
-    if name in NEEDS_CUDA and not cuda:
-        rep.update(status="skipped", reason="no CUDA")
+    rep: dict = {**wl.spec, "contestant": name, "status": "error"}
+    if name in NEEDS_CUDA and not cuda or name.endswith("+cudagraph") and wl.kind != "decode":
+        rep.update(status="skipped", reason="no CUDA" if not cuda else "decode only")
         return rep, None
     out = step = None
-    grab, skips = Grab(), 0
+    grab, skips = logging.handlers.BufferingHandler(10_000), 0
     try:
         gc.collect()
         if cuda:
@@ -225,8 +211,7 @@ def run_one(name: str, wl: Workload, ref, args, state: dict) -> tuple[dict, torc
             base = torch.cuda.memory_allocated()
         if name == RO:
             from torch._dynamo.utils import counters
-            for log in ("cudagraphs", "perf_hints"):
-                logging.getLogger(f"torch._inductor.cudagraph_utils.__{log}").addHandler(grab)
+            [logging.getLogger(n).addHandler(grab) for n in CG_LOGS]
             skips = counters["inductor"]["cudagraph_skips"]
         sync(dev)
         t0 = time.perf_counter()
@@ -250,15 +235,14 @@ def run_one(name: str, wl: Workload, ref, args, state: dict) -> tuple[dict, torc
                 rep["status"], rep["reason"] = "mismatch", f"max abs err {err:.3g} vs eager (rel {rep['rel_err']:.3g})"
         if name == RO and counters["inductor"]["cudagraph_skips"] > skips:
             rep["status"] = "cudagraphs-skipped"
-            rep["reason"] = "; ".join(grab.msgs)[:300] or "inductor counted a cudagraph skip"
+            rep["reason"] = "; ".join(r.getMessage() for r in grab.buffer)[:300] or "inductor counted a cudagraph skip"
     except Exception as e:
         traceback.print_exc()
         rep["reason"] = f"{type(e).__name__}: {e}"[:300]
         out = None
     finally:
         del step
-        for log in ("cudagraphs", "perf_hints"):
-            logging.getLogger(f"torch._inductor.cudagraph_utils.__{log}").removeHandler(grab)
+        [logging.getLogger(n).removeHandler(grab) for n in CG_LOGS]
     print(f"[{wl.name}] {name}: {rep['status']} {rep.get('ms', '')}", file=sys.stderr, flush=True)
     return rep, out
 
@@ -267,15 +251,13 @@ def explain(cm, rep: dict) -> None:
     import turbofx
     try:
         report = turbofx.explain(cm)
-        kinds: dict[str, int] = {}
-        for k in report.kernels:
-            kinds[k.kind] = kinds.get(k.kind, 0) + 1
-        rep["turbofx"] = {"kernels": len(report.kernels), "kinds": kinds, "stage_seconds": dict(report.stage_seconds)}
+        rep["turbofx"] = {"kernels": len(report.kernels), "kinds": dict(Counter(k.kind for k in report.kernels)),
+                          "stage_seconds": dict(report.stage_seconds)}
     except Exception as e:  # the benchmark still runs; the failure is recorded
         rep["explain_error"] = f"{type(e).__name__}: {e}"[:300]
 
 
-def run_child(args, meta: dict, names: list[str]) -> list[dict]:
+def run_child(args, meta: dict, specs: list[dict]) -> list[dict]:
     """The reduce-overhead rows, from a child process: a segfault there cannot take these results."""
     fd, path = tempfile.mkstemp(suffix=".json", prefix="llm-ro-")
     os.close(fd)
@@ -304,17 +286,18 @@ def run_child(args, meta: dict, names: list[str]) -> list[dict]:
            f"child killed by {signal.Signals(-rc).name}" if rc < 0 else f"child exited {rc}" if rc else "no row")
     tail = " / ".join(line.strip() for line in err.strip().splitlines()[-3:])
     out, first = [], None
-    for wl in names:
+    for sp in specs:
+        wl, row = sp["workload"], {**sp, "contestant": RO}
         if wl in rows:
             out.append({**rows[wl], **({} if same else {"note": "child weights checksum differs"})})
-        elif args.quick and wl.startswith("prefill"):
-            out.append({"workload": wl, "contestant": RO, "status": "skipped", "reason": "--quick: decode only"})
-        else:
+        elif args.quick and sp["kind"] == "prefill":
+            out.append({**row, "status": "skipped", "reason": "--quick: decode only"})
+        elif first is None:
+            first = wl
             status = "timeout" if rc is None else "crash" if rc < 0 else "error"
-            reason = f"{why}: {tail}" if first is None else f"not run: child stopped at {first} ({why})"
-            out.append({"workload": wl, "contestant": RO, "status": status if first is None else "not run",
-                        "reason": reason[:300]})
-            first = first or wl
+            out.append({**row, "status": status, "reason": f"{why}: {tail}"[:300]})
+        else:
+            out.append({**row, "status": "not run", "reason": f"child stopped at {first} ({why})"})
     return out
 
 
@@ -382,8 +365,7 @@ def plot(results: list[dict], path: str) -> None:
         tps = {r["workload"]: r.get("tokens_per_s") for r in rows if r["contestant"] == n}
         ax.bar([j + i * w for j in range(len(wls))], [tps.get(x) or float("nan") for x in wls], w, label=n)
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(wls))], wls)
-    ax.set_yscale("log")
-    ax.set_ylabel("decode tokens/s (higher is better)")
+    ax.set(yscale="log", ylabel="decode tokens/s (higher is better)", title="decode throughput per contestant")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -423,47 +405,79 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = args.dev = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    if args.fresh_caches and not args.child:
-        fresh = tempfile.mkdtemp(prefix="llm-bench-caches-")
-        for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TURBOFX_CACHE_DIR"):
-            os.environ[var] = os.path.join(fresh, var.split("_")[0].lower())
-    names = [n for n in args.contestants.split(",") if n]
-    if "turbofx" in names or "decode" in args.workloads:
-        try:  # before triton/transformers: on CPU turbofx must switch on Triton's interpreter first
-            import turbofx  # noqa: F401
-        except Exception:
-            traceback.print_exc()  # the turbofx rows will record the error
+def load_model(args):
     import transformers
     from transformers import AutoModelForCausalLM
-    cfg = make_config(args.config, device)
+    cfg = make_config(args.config, args.dev)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    facts = model_facts(model)
-    vocab = cfg.get_text_config(decoder=True).vocab_size
+    with torch.device(args.dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[args.dtype]).eval()
     try:
         import triton
     except ImportError:
         triton = None
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    facts = model_facts(model)
+    meta = {"device": torch.cuda.get_device_name(args.dev) if args.dev.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "triton": getattr(triton, "__version__", None),
             "transformers": transformers.__version__, "python": platform.python_version(), "dtype": args.dtype,
             "batches": args.batches, "ctx": args.ctx, "prefill_len": args.prefill_len, "iters": args.iters,
             "warmup": args.warmup, "inner": args.inner, "quick": args.quick, **facts, "config": cfg.to_dict(),
-            "probes": None if args.child else probe(device, dtype), "compile": {}}
-    specs = [("decode", b, c) for c in args.ctx for b in args.batches if "decode" in args.workloads.split(",")]
-    specs += [("prefill", 1, args.prefill_len)] if "prefill" in args.workloads.split(",") else []
-    wl_names = [f"decode b{b} ctx{c}" if k == "decode" else f"prefill {b}x{c}" for k, b, c in specs]
+            "probes": None if args.child else probe(args.dev, DTYPES[args.dtype]), "compile": {}}
+    return model, cfg.get_text_config(decoder=True).vocab_size, meta
+
+
+def run_all(args, model, vocab: int, specs: list[dict], meta: dict, results: list[dict], dump) -> None:
+    """Every in-process contestant on every workload, then the reduce-overhead child."""
+    names = [n for n in args.contestants.split(",") if n]
+    here = [n for n in names if n != RO or args.child]
+    gen, filled, state = torch.Generator().manual_seed(0), {}, {"built": {}, "compile": meta["compile"]}
+    for sp in specs:
+        try:
+            wl = (decode_workload(model, sp["batch"], sp["tokens"], filled, gen, vocab) if sp["kind"] == "decode" else
+                  Workload(sp, model, (torch.randint(vocab, (sp["batch"], sp["tokens"]), generator=gen).to(args.dev),),
+                           {"use_cache": False}))
+        except Exception as e:
+            traceback.print_exc()
+            results.extend({**sp, "contestant": c, "status": "error",
+                            "reason": f"workload setup: {type(e).__name__}: {e}"[:300]} for c in here)
+            continue
+        ref = None
+        for name in here:
+            results.append({**sp, "contestant": name, "status": "interrupted"})  # until it returns
+            results[-1], out = run_one(name, wl, ref, args, state)
+            ref = out if name == "eager" else ref
+            dump()
+        del wl, ref
+        state["built"].clear()
+        torch._dynamo.reset()
+    filled.clear()
+    if RO in names and not args.child:
+        results.extend(run_child(args, meta, specs) if args.dev.type == "cuda" else
+                       [{**sp, "contestant": RO, "status": "skipped", "reason": "no CUDA"} for sp in specs])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.dev = torch.device(args.device)
+    if args.fresh_caches and not args.child:
+        fresh = tempfile.mkdtemp(prefix="llm-bench-caches-")
+        for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TURBOFX_CACHE_DIR"):
+            os.environ[var] = os.path.join(fresh, var.split("_")[0].lower())
+    try:  # before triton/transformers: on CPU turbofx must switch on Triton's interpreter first
+        import turbofx  # noqa: F401
+    except Exception:
+        traceback.print_exc()  # the turbofx and decode rows will record the error
+    model, vocab, meta = load_model(args)
+    kinds = args.workloads.split(",")
+    specs = [spec("decode", b, c) for c in args.ctx for b in args.batches if "decode" in kinds]
+    specs += [spec("prefill", 1, args.prefill_len)] if "prefill" in kinds else []
     results: list[dict] = []
-    state = {"built": {}, "compile": meta["compile"]}
+    order = {(sp["workload"], c): i for i, (sp, c) in enumerate((sp, c) for sp in specs for c in CONTESTANTS)}
 
     def dump() -> None:
-        add_metrics(results, facts, meta["probes"])
-        if args.json:  # atomically: a reader (or a crash) never sees half a file
+        results.sort(key=lambda r: order.get((r["workload"], r["contestant"]), len(order)))
+        add_metrics(results, meta, meta["probes"])
+        if args.json:  # atomically: a reader, or a crash, never leaves half a file
             with open(args.json + ".tmp", "w") as fh:
                 json.dump({"meta": meta, "results": results}, fh, indent=2, default=str)
             os.replace(args.json + ".tmp", args.json)
@@ -471,54 +485,24 @@ def main(argv=None) -> int:
     def on_term(signum, frame):  # `timeout` sends SIGTERM: still print what we have
         raise KeyboardInterrupt
     old_term = signal.signal(signal.SIGTERM, on_term)
-    gen, filled, current = torch.Generator().manual_seed(0), {}, None
-    here = [n for n in names if n != RO or args.child]
     try:
         with torch.no_grad():
-            for (kind, b, n), wl_name in zip(specs, wl_names):
-                try:
-                    wl = (decode_workload(model, b, n, filled, gen, vocab) if kind == "decode" else
-                          Workload(wl_name, kind, b, n, model, (torch.randint(vocab, (b, n), generator=gen).to(device),),
-                                   {"use_cache": False}))
-                except Exception as e:
-                    traceback.print_exc()
-                    results.extend({"workload": wl_name, "kind": kind, "contestant": c, "status": "error",
-                                    "reason": f"workload setup: {type(e).__name__}: {e}"[:300]} for c in here)
-                    continue
-                ref = None
-                for name in here:
-                    current = {"workload": wl_name, "kind": kind, "contestant": name, "status": "interrupted"}
-                    rep, out = run_one(name, wl, ref, args, state)
-                    ref = out if name == "eager" else ref
-                    results.append(rep)
-                    current = None
-                    dump()
-                del wl, ref
-                state["built"].clear()
-                torch._dynamo.reset()
-            filled.clear()
-            if RO in names and not args.child:
-                results.extend(run_child(args, meta, wl_names) if device.type == "cuda" else
-                               [{"workload": w, "contestant": RO, "status": "skipped", "reason": "no CUDA"} for w in wl_names])
+            run_all(args, model, vocab, specs, meta, results, dump)
     except KeyboardInterrupt:
         meta["interrupted"] = True
-        results.extend([current] if current else [])
         print("interrupted: partial results", file=sys.stderr)
     finally:
         signal.signal(signal.SIGTERM, old_term)
-    kinds = {n: k for n, (k, _, _) in zip(wl_names, specs)}
-    for r in results:
-        r.setdefault("kind", kinds.get(r["workload"]))
-        r.setdefault("batch", 1 if r["kind"] == "prefill" else int(r["workload"].split()[1][1:]))
-        r.setdefault("tokens", args.prefill_len if r["kind"] == "prefill" else int(r["workload"].split("ctx")[1]))
-    order = {(w, c): i for i, (w, c) in enumerate((w, c) for w in wl_names for c in CONTESTANTS)}
-    results.sort(key=lambda r: order.get((r["workload"], r["contestant"]), len(order)))
     dump()
-    if args.child:
-        return 0
+    if not args.child:
+        report(args, meta, results)
+    return 1 if meta.get("interrupted") else 0
+
+
+def report(args, meta: dict, results: list[dict]) -> None:
     pr = meta["probes"]
     print(f"device: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  transformers "
-          f"{meta['transformers']}  dtype {args.dtype}  params {facts['params'] / 1e6:.1f}M  copy "
+          f"{meta['transformers']}  dtype {args.dtype}  params {meta['params'] / 1e6:.1f}M  copy "
           f"{pr['copy_gbps']:.0f} GB/s  mm {pr['mm_tflops']:.1f} TFLOP/s ({pr['mm_dtype']})  iters {args.iters}\n")
     text = table(results, meta["compile"])
     print(text)
@@ -527,7 +511,6 @@ def main(argv=None) -> int:
             fh.write(text + "\n")
     if args.plot or args.json:
         plot(results, args.plot or os.path.splitext(args.json)[0] + ".png")
-    return 1 if meta.get("interrupted") else 0
 
 
 if __name__ == "__main__":

@@ -65,3 +65,44 @@ def test_rejects_right_padding():
     ids = _ids(1, 4)
     with pytest.raises(turbofx.TurbofxError, match="left"):
         turbofx.generate(model, ids, 2, attention_mask=torch.tensor([[1, 1, 0, 0]]))
+
+
+@pytest.mark.parametrize("length", [15, 16, 17])
+def test_prompt_lengths_at_bucket_edges(length):
+    """Prompts are left-padded to the next multiple of 16: 16 fills a bucket, 17 starts the next."""
+    model = make_tiny_model("llama")
+    ids = _ids(1, length, seed=length)
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=3, do_sample=False)
+    out = turbofx.generate(model, ids, 3)
+    assert torch.equal(out.sequences, ref)
+    shapes = [k for k in _programs(model) if k[0] == "prefill"]
+    assert any(16 * -(-length // 16) in shape for k in shapes for shape in k[2:]), shapes
+
+
+def test_batch_bucket_pads_rows_and_reuses_programs():
+    from turbofx.compiler.generation import next_bucket
+
+    assert [next_bucket(n, None) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert next_bucket(17, None, multiple=16) == 32 and next_bucket(16, None, multiple=16) == 16
+    assert next_bucket(3, [2, 6, 12]) == 6
+    with pytest.raises(turbofx.TurbofxError, match="larger than every declared bucket"):
+        next_bucket(13, [2, 6, 12])
+
+    model = make_tiny_model("qwen2")
+    ids = _ids(3, 5)
+    out = turbofx.generate(model, ids, 3)  # batch 3 runs as 4: row 4 is a copy, dropped
+    assert out.sequences.shape == (3, 8)
+    for row in range(3):
+        with torch.no_grad():
+            ref = model.generate(ids[row:row + 1], max_new_tokens=3, do_sample=False)
+        assert torch.equal(out.sequences[row], ref[0])
+    before = len(_programs(model))
+    turbofx.generate(model, _ids(3, 9, seed=4), 3)  # same buckets: nothing new to compile
+    assert len(_programs(model)) == before
+
+
+def _programs(model):
+    from turbofx.compiler import generation
+
+    return [k for engine in generation._engines[model].values() for k in engine.programs]

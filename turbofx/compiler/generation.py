@@ -100,19 +100,78 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int,
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+def next_bucket(n: int, buckets: list[int] | None, multiple: int = 1) -> int:
+    """The smallest declared bucket holding ``n`` (default: next power of two / multiple)."""
+    if buckets:
+        fits = [x for x in sorted(buckets) if x >= n]
+        if not fits:
+            from turbofx.errors import TurbofxError
+
+            raise TurbofxError(f"{n} is larger than every declared bucket {sorted(buckets)}")
+        return fits[0]
+    if multiple > 1:
+        return -(-n // multiple) * multiple
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class _Engine:
+    """Compiled programs of one model, reused across generate calls: a StaticDecoder (cache) per
+    (batch bucket, cache length), a prefill program per prompt bucket, one decode step each."""
+
+    def __init__(self, model: torch.nn.Module, options: dict):
+        self.model = model
+        self.options = options
+        self.decoders: dict[tuple, StaticDecoder] = {}
+        self.programs: dict[tuple, object] = {}
+
+    def decoder(self, batch: int, cache_len: int) -> StaticDecoder:
+        key = (batch, cache_len)
+        if key not in self.decoders:
+            self.decoders[key] = StaticDecoder(self.model, batch, cache_len).eval()
+        return self.decoders[key]
+
+    def program(self, kind: str, decoder: StaticDecoder, args: tuple):
+        from turbofx.compiler.driver import compile as tfx_compile
+
+        key = (kind, id(decoder)) + tuple(tuple(a.shape) for a in args)
+        if key not in self.programs:
+            log.info("compiling the %s step for shapes %s", kind, [tuple(a.shape) for a in args])
+            self.programs[key] = tfx_compile(decoder, args, **self.options)
+        return self.programs[key]
+
+
+_engines: "weakref.WeakKeyDictionary" = None  # model -> {options key: _Engine}
+
+
+def _engine(model: torch.nn.Module, options: dict) -> _Engine:
+    import weakref
+
+    global _engines
+    if _engines is None:
+        _engines = weakref.WeakKeyDictionary()
+    per_model = _engines.setdefault(model, {})
+    key = repr(sorted(options.items()))
+    if key not in per_model:
+        per_model[key] = _Engine(model, options)
+    return per_model[key]
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32,
              attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_token_id: int | list | None = None,
              pad_token_id: int | None = None, max_cache_len: int | None = None, compile: bool = True,
+             batch_buckets: list[int] | None = None, seq_buckets: list[int] | None = None,
              **options) -> GenerateResult:
     """Generate with a static KV cache; prefill and the decode step run as turbofx programs.
 
     ``attention_mask`` (1 = token, 0 = left padding) enables batches of different lengths.
-    ``compile=False`` runs the same loop eagerly (the reference the compiled path must equal).
+    Shapes go to buckets so programs are reused: the batch is padded to the next batch bucket
+    (default powers of two) with copies of the first row, the prompt is left-padded to the next
+    sequence bucket (default multiples of 16), the cache to a multiple of 64. Compiled programs
+    are kept per model for later calls. ``compile=False`` runs the same loop eagerly (the
+    reference the compiled path must equal).
     """
-    from turbofx.compiler.driver import compile as tfx_compile
-
     b, s = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
@@ -121,28 +180,32 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
         from turbofx.errors import TurbofxError
 
         raise TurbofxError("attention_mask must match input_ids and pad on the left only (0s before 1s)")
-    max_cache_len = max_cache_len or s + max_new_tokens
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    decoder = StaticDecoder(model, b, max_cache_len).eval()
-    decoder.reset()
 
-    full_mask = torch.zeros(b, max_cache_len, dtype=attention_mask.dtype, device=device)
-    full_mask[:, :s] = attention_mask
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    cache_pos = torch.arange(s, device=device)
-    step_mask = full_mask.clone()
-    step_mask[:, s:] = 1  # future slots: hidden by causality until written
+    bp, sp = next_bucket(b, batch_buckets), next_bucket(s, seq_buckets, multiple=16)
+    cache_len = max_cache_len or next_bucket(sp + max_new_tokens, None, multiple=64)
+    ids = torch.full((bp, sp), pad, dtype=input_ids.dtype, device=device)
+    mask = torch.zeros((bp, sp), dtype=attention_mask.dtype, device=device)
+    ids[:b, sp - s:], mask[:b, sp - s:] = input_ids, attention_mask
+    ids[b:], mask[b:] = ids[0], mask[0]  # batch padding: copies of the first row, dropped at the end
+
+    engine = _engine(model, options)
+    decoder = engine.decoder(bp, cache_len)
+    decoder.reset()
+    step_mask = torch.ones((bp, cache_len), dtype=mask.dtype, device=device)
+    step_mask[:, :sp] = mask  # slots after the prompt: hidden by causality until written
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache_pos = torch.arange(sp, device=device)
+    prefill_args = (ids, cache_pos, step_mask, positions)
+    decode_args = (ids[:, :1], cache_pos[:1] + sp, step_mask, positions[:, -1:] + 1)
 
     t0 = time.perf_counter()
-    prefill_args = (input_ids, cache_pos, step_mask, positions)
-    decode_args = (input_ids[:, :1], cache_pos[:1] + s, step_mask, positions[:, -1:] + 1)
     reports = {}
     if compile:
-        prefill = tfx_compile(decoder, prefill_args, **options)
-        decode = tfx_compile(decoder, decode_args, **options)
-        decoder.reset()  # capture ran on fake tensors, but be certain the cache starts empty
+        prefill = engine.program("prefill", decoder, prefill_args)
+        decode = engine.program("decode", decoder, decode_args)
         reports = {"prefill": prefill.turbofx_report, "decode": decode.turbofx_report}
     else:
         prefill = decode = decoder
@@ -152,18 +215,21 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     logits = prefill(*prefill_args)
     prefill_s = time.perf_counter() - t1
     tokens = []
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    done = torch.zeros(bp, dtype=torch.bool, device=device)
+    done[b:] = True  # padding rows never hold the loop open
+    eos_t = torch.tensor(sorted(eos), device=device) if eos else None
     last_pos = positions[:, -1:]
     t2 = time.perf_counter()
     for step in range(max_new_tokens):
         nxt = _pick(logits, do_sample, temperature, top_k, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens.append(nxt)
-        done = done | torch.isin(nxt, torch.tensor(sorted(eos), device=device)) if eos else done
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if eos_t is not None:
+            done = done | torch.isin(nxt, eos_t)
+        if bool(done[:b].all()) or step == max_new_tokens - 1:
             break
         last_pos = last_pos + 1
-        logits = decode(nxt[:, None], cache_pos[:1] * 0 + s + step, step_mask, last_pos)
+        logits = decode(nxt[:, None], cache_pos[:1] * 0 + sp + step, step_mask, last_pos)
     decode_s = time.perf_counter() - t2
-    new = torch.stack(tokens, dim=1)
+    new = torch.stack(tokens, dim=1)[:b]
     return GenerateResult(torch.cat([input_ids, new], dim=1), new, prefill_s, decode_s, compile_s, len(tokens), reports)
