@@ -107,14 +107,23 @@ def test_failed_export_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_export_and_run(tmp_path):
+@pytest.mark.parametrize("kind", ["generation", "forward"])
+def test_cli_export_and_run(tmp_path, kind):
+    """`turbofx export` then `turbofx run` in fresh processes: greedy tokens equal eager generate
+    (generation: prefill + decode over the exported KV cache; forward: one dynamic program)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = tmp_path / "cli_art"
-    r = subprocess.run([sys.executable, "-m", "turbofx.compiler.cli", "export", "qwen2", "--output_dir", str(out)],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "turbofx.compiler.cli", "export", "qwen2", "--output_dir", str(out),
+                        "--kind", kind], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "generation.json").is_file() == (kind == "generation")
     r = subprocess.run([sys.executable, "-m", "turbofx.compiler.cli", "run", str(out), "--prompt", "hello there",
                         "--max-new-tokens", "3"], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "tokens/s" in r.stdout
-    assert len(r.stdout.splitlines()[0].split()) == 3  # three token ids (no tokenizer for tiny models)
+    assert "tokens" in r.stdout
+    got = [int(t) for t in r.stdout.splitlines()[0].split()]  # no tokenizer for tiny models: token ids
+    model = make_tiny_model("qwen2")
+    ids = torch.tensor([[b % model.config.vocab_size for b in b"hello there"]])
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert got == ref, (got, ref)

@@ -22,7 +22,6 @@ import torch
 from turbofx.errors import ArtifactError
 
 FORMAT = 1
-_FILES = ("program.json", "weights.safetensors")
 
 
 def _versions() -> dict:
@@ -84,8 +83,11 @@ def _expected_json(expected: list) -> list:
     return out
 
 
-def save(compiled, output_dir: str | os.PathLike, extra: dict | None = None, overwrite: bool = True) -> Path:
-    """Write ``compiled`` (a CompiledModule) to ``output_dir`` atomically."""
+def save(compiled, output_dir: str | os.PathLike, extra: dict | None = None, overwrite: bool = True,
+         shares_weights_with: str | None = None) -> Path:
+    """Write ``compiled`` (a CompiledModule) to ``output_dir`` atomically. With
+    ``shares_weights_with`` (a sibling artifact's relative path) no weights are written: ``load``
+    takes them from that artifact (e.g. prefill and decode programs over one KV cache)."""
     from safetensors.torch import save_file
 
     out = Path(output_dir).resolve()
@@ -107,7 +109,8 @@ def save(compiled, output_dir: str | os.PathLike, extra: dict | None = None, ove
             else:
                 seen[ident] = key
                 tensors[key] = t.detach().to("cpu").contiguous()
-        save_file(tensors, str(tmp / "weights.safetensors"))
+        if shares_weights_with is None:
+            save_file(tensors, str(tmp / "weights.safetensors"))
         report = compiled.turbofx_report
         (tmp / "graph.txt").write_text(str(report) if report is not None else "")
         files = {p.relative_to(tmp).as_posix(): _sha(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -119,6 +122,7 @@ def save(compiled, output_dir: str | os.PathLike, extra: dict | None = None, ove
             "n_user_outputs": compiled._n_user_outputs, "aliases": aliases, "files": files,
             "state_devices": {k: str(t.device) for k, t in compiled._state.items()}, "extra": extra or {},
             "kernels": [dataclasses.asdict(k) for k in report.kernels] if report is not None else [],
+            "shares_weights_with": shares_weights_with,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if out.exists():
@@ -152,8 +156,9 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load(path: str | os.PathLike, device: str | None = None):
-    """Load an artifact directory into a CompiledModule (no model source needed)."""
+def load(path: str | os.PathLike, device: str | None = None, shared_state: dict | None = None):
+    """Load an artifact directory into a CompiledModule (no model source needed). An artifact
+    that shares another's weights takes ``shared_state`` (that artifact's loaded ``_state``)."""
     from safetensors.torch import load_file
 
     from turbofx.runtime.kernels import load_kernel
@@ -171,9 +176,12 @@ def load(path: str | os.PathLike, device: str | None = None):
         f = d / rel
         if not f.is_file() or _sha(f) != digest:
             raise ArtifactError(f"{d}: {rel} is missing or corrupt (checksum mismatch); re-export the model")
+    if meta.get("shares_weights_with") and shared_state is None:
+        raise ArtifactError(f"{d} shares the weights of {meta['shares_weights_with']}: load that one and pass "
+                            "its state (turbofx.load(path, shared_state=other._state))")
     try:
         prog_d = json.loads((d / "program.json").read_text())
-        weights = load_file(str(d / "weights.safetensors"))
+        weights = None if meta.get("shares_weights_with") else load_file(str(d / "weights.safetensors"))
     except Exception as e:
         raise ArtifactError(f"{d}: cannot read program or weights ({e}); re-export the model") from e
     target = prog_d.get("target", {})
@@ -183,12 +191,18 @@ def load(path: str | os.PathLike, device: str | None = None):
     kernels = {p.stem: load_kernel(p, p.stem, interpret) for p in sorted((d / "kernels").glob("*.py"))}
     program = Program(prog_d, kernels)
     program.sources = {p.stem: p.read_text() for p in (d / "kernels").glob("*.py")}
-    state = {}
-    for key, dev in meta["state_devices"].items():
-        src = meta["aliases"].get(key, key)
-        state[key] = weights[src].to(device or dev)
-    for key, src in meta["aliases"].items():
-        state[key] = state[src]
+    if weights is None:
+        missing = set(meta["state_devices"]) - set(shared_state)
+        if missing:
+            raise ArtifactError(f"{d}: the shared state lacks {sorted(missing)[:5]}")
+        state = {k: shared_state[k] for k in meta["state_devices"]}
+    else:
+        state = {}
+        for key, dev in meta["state_devices"].items():
+            src = meta["aliases"].get(key, key)
+            state[key] = weights[src].to(device or dev)
+        for key, src in meta["aliases"].items():
+            state[key] = state[src]
     expected = [
         {"kind": "tensor", "shape": e["shape"], "dtype": getattr(torch, e["dtype"]), "device": torch.device(e["device"])}
         if e["kind"] == "tensor" else e for e in meta["expected"]

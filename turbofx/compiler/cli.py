@@ -48,6 +48,10 @@ def _load(spec: str, dtype: str):
     return model, tok
 
 
+def _is_causal_lm(model) -> bool:
+    return hasattr(model, "generate") and hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
+
+
 def cmd_export(a) -> int:
     import torch
 
@@ -56,38 +60,114 @@ def cmd_export(a) -> int:
     model, tok = _load(a.model, a.dtype)
     vocab = model.config.vocab_size
     ids = _prompt_ids(tok, DEFAULT_PROMPT, vocab)[:, :8]
-    kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    eos = getattr(model.config, "eos_token_id", None)
+    extra = {"model": a.model, "vocab_size": vocab, "eos_token_id": eos}
     print(f"compiling for {a.target or 'the detected target'} ...", file=sys.stderr, flush=True)
-    extra = {"model": a.model, "generate_kwargs": kwargs, "vocab_size": vocab,
-             "eos_token_id": getattr(model.config, "eos_token_id", None)}
-    with torch.no_grad():
-        path = turbofx.export(model, (ids,), kwargs, output_dir=a.output_dir, target=a.target, dynamic=True, extra=extra)
+    if a.kind == "generation" or (a.kind == "auto" and _is_causal_lm(model)):
+        path = _export_generation(model, ids, a, extra)
+    else:
+        kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+        extra["generate_kwargs"] = kwargs
+        with torch.no_grad():
+            path = turbofx.export(model, (ids,), kwargs, output_dir=a.output_dir, target=a.target, dynamic=True,
+                                  extra=extra)
     if tok is not None:
         tok.save_pretrained(path / "tokenizer")
     print(f"wrote {path}")
     return 0
 
 
-def cmd_run(a) -> int:
-    import turbofx
-    from turbofx.runtime.generate import greedy
-
-    cm = turbofx.load(a.artifact)
-    extra = cm.turbofx_meta.get("extra", {})
-    tok = None
+def _export_generation(model, ids, a, extra: dict):
+    """Two programs over one static KV cache: prefill (prompt length symbolic) and the decode
+    step; the decode artifact holds the weights and the cache, prefill shares them."""
+    import os
+    import shutil
+    import tempfile
     from pathlib import Path
 
-    if (Path(a.artifact) / "tokenizer").is_dir():
+    import torch
+
+    import turbofx
+    from turbofx.compiler.artifact import save
+    from turbofx.compiler.generation import StaticDecoder, prompt_inputs
+
+    out = Path(a.output_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    decoder = StaticDecoder(model, 1, a.max_cache_len).eval()
+    args = prompt_inputs(ids, torch.ones_like(ids), a.max_cache_len)
+    step = (ids[:, :1], args[1][:1] + ids.shape[1], args[2], args[3][:, -1:] + 1)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with torch.no_grad():
+            prefill = turbofx.compile(decoder, args, target=a.target, dynamic=True, cudagraphs=False)
+            decode = turbofx.compile(decoder, step, target=a.target, cudagraphs=False)
+        decoder.reset()
+        save(decode, tmp / "decode", extra=extra)
+        save(prefill, tmp / "prefill", shares_weights_with="../decode")
+        (tmp / "generation.json").write_text(json.dumps({**extra, "max_cache_len": a.max_cache_len}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def cmd_run(a) -> int:
+    from pathlib import Path
+
+    import turbofx
+
+    d = Path(a.artifact)
+    tok = None
+    if (d / "tokenizer").is_dir():
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(Path(a.artifact) / "tokenizer"))
+        tok = AutoTokenizer.from_pretrained(str(d / "tokenizer"))
+    if (d / "generation.json").is_file():
+        return _run_generation(d, tok, a)
+    from turbofx.runtime.generate import greedy
+
+    cm = turbofx.load(d)
+    extra = cm.turbofx_meta.get("extra", {})
     ids = _prompt_ids(tok, a.prompt, extra.get("vocab_size", 32000))
     kwargs = extra.get("generate_kwargs", {})
     eos = extra.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
     tokens, secs = greedy(lambda x: cm(x, **kwargs), ids, a.max_new_tokens, eos, label="turbofx")
     print(_decode(tok, tokens))
-    print(f"[{len(tokens)} tokens in {secs:.2f}s: {len(tokens) / secs:.2f} tokens/s]")
+    print(f"[{len(tokens)} tokens in {secs:.2f}s: {len(tokens) / secs:.2f} tokens/s; full prefix each step]")
+    return 0
+
+
+def _run_generation(d, tok, a) -> int:
+    import torch
+
+    import turbofx
+    from turbofx.compiler.generation import decode_loop, prompt_inputs
+
+    info = json.loads((d / "generation.json").read_text())
+    decode = turbofx.load(d / "decode")
+    prefill = turbofx.load(d / "prefill", shared_state=decode._state)
+    for key, t in decode._state.items():  # an empty cache
+        if key.startswith(("key_cache_", "value_cache_", "cumulative_length_")):
+            t.zero_()
+    ids = _prompt_ids(tok, a.prompt, info["vocab_size"])
+    room = info["max_cache_len"] - a.max_new_tokens
+    if ids.shape[1] > room:
+        from turbofx.errors import TurbofxError
+
+        raise TurbofxError(f"prompt of {ids.shape[1]} tokens + {a.max_new_tokens} new exceeds the cache "
+                           f"({info['max_cache_len']}); re-export with a larger --max-cache-len")
+    eos = info.get("eos_token_id")
+    eos = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+    res = decode_loop(prefill, decode, prompt_inputs(ids, torch.ones_like(ids), info["max_cache_len"]), 1,
+                      a.max_new_tokens, eos=eos, pad=min(eos) if eos else 0)
+    tokens = res.new_tokens[0].tolist()
+    print(_decode(tok, tokens))
+    print(f"[{len(tokens)} tokens: prefill {res.prefill_seconds:.2f}s, decode {res.decode_tokens_per_second:.2f} "
+          f"tokens/s over the KV cache]")
     return 0
 
 
@@ -170,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     _flag(e, "--output-dir", required=True)
     _flag(e, "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     _flag(e, "--target", default=None)
+    _flag(e, "--kind", default="auto", choices=["auto", "generation", "forward"],
+          help="generation: prefill + decode over a KV cache (default for causal LMs); forward: one program")
+    _flag(e, "--max-cache-len", type=int, default=256)
     r = sub.add_parser("run", help="load an artifact and generate greedily")
     r.add_argument("artifact")
     _flag(r, "--prompt", default=DEFAULT_PROMPT)

@@ -194,11 +194,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     engine = _engine(model, options)
     decoder = engine.decoder(bp, cache_len)
     decoder.reset()
-    step_mask = torch.ones((bp, cache_len), dtype=mask.dtype, device=device)
-    step_mask[:, :sp] = mask  # slots after the prompt: hidden by causality until written
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache_pos = torch.arange(sp, device=device)
-    prefill_args = (ids, cache_pos, step_mask, positions)
+    prefill_args = prompt_inputs(ids, mask, cache_len)
+    _, cache_pos, step_mask, positions = prefill_args
     decode_args = (ids[:, :1], cache_pos[:1] + sp, step_mask, positions[:, -1:] + 1)
 
     t0 = time.perf_counter()
@@ -211,6 +208,20 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
         prefill = decode = decoder
     compile_s = time.perf_counter() - t0
 
+    res = decode_loop(prefill, decode, prefill_args, b, max_new_tokens, do_sample, temperature, top_k, top_p,
+                      generator, eos, pad)
+    res.sequences = torch.cat([input_ids, res.new_tokens], dim=1)
+    res.compile_seconds, res.reports = compile_s, reports
+    return res
+
+
+def decode_loop(prefill, decode, prefill_args: tuple, b: int, max_new_tokens: int, do_sample: bool = False,
+                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None,
+                eos: set | None = None, pad: int = 0) -> GenerateResult:
+    """Prefill once, then one decode step per token over the static cache (rows ≥ b are padding)."""
+    ids, cache_pos, step_mask, positions = prefill_args
+    bp, sp = ids.shape
+    device = ids.device
     t1 = time.perf_counter()
     logits = prefill(*prefill_args)
     prefill_s = time.perf_counter() - t1
@@ -232,4 +243,13 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
         logits = decode(nxt[:, None], cache_pos[:1] * 0 + sp + step, step_mask, last_pos)
     decode_s = time.perf_counter() - t2
     new = torch.stack(tokens, dim=1)[:b]
-    return GenerateResult(torch.cat([input_ids, new], dim=1), new, prefill_s, decode_s, compile_s, len(tokens), reports)
+    return GenerateResult(new, new, prefill_s, decode_s, 0.0, len(tokens))
+
+
+def prompt_inputs(ids: torch.Tensor, mask: torch.Tensor, cache_len: int) -> tuple:
+    """(ids, cache positions, mask over the whole cache, position ids) for a left-padded prompt."""
+    bp, sp = ids.shape
+    step_mask = torch.ones((bp, cache_len), dtype=mask.dtype, device=ids.device)
+    step_mask[:, :sp] = mask  # slots after the prompt: hidden by causality until written
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, torch.arange(sp, device=ids.device), step_mask, positions
