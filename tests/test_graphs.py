@@ -55,3 +55,22 @@ def test_generate_replays_the_decode_step():
     assert torch.equal(out.sequences, ref)
     notes = out.reports["decode"].runtime_notes
     assert any("captured" in n for n in notes) and not any("failed" in n for n in notes), notes
+
+
+@pytest.mark.gpu
+def test_hf_generate_reduce_overhead_replays_graphs():
+    from transformers import CompileConfig
+
+    from turbofx.compiler import backend
+
+    torch._dynamo.reset()
+    model = make_tiny_model("llama").cuda()
+    ids = torch.randint(3, 120, (1, 6), device="cuda")
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static",
+                             compile_config=CompileConfig(backend="turbofx"))  # mode="reduce-overhead"
+    assert torch.equal(out, ref)
+    notes = [n for r in backend.reports_of(model) for n in r.runtime_notes]
+    assert any("captured" in n for n in notes) and not any("failed" in n for n in notes), notes
+    torch._dynamo.reset()

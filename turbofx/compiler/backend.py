@@ -27,6 +27,20 @@ def reports_of(compiled) -> list:
     return [r for r in _reports if r.input_ptrs & ptrs]
 
 
+def _is_static(t) -> bool:
+    """Weights and tensors marked with a static address (HF's StaticCache does) are used in place."""
+    import torch
+
+    if isinstance(t, torch.nn.Parameter):
+        return True
+    try:
+        from torch._dynamo.utils import get_static_address_type
+
+        return get_static_address_type(t) is not None
+    except Exception:
+        return False
+
+
 def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict | None = None, **kwargs):
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
@@ -39,20 +53,29 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
     opts = Options.make(mode=mode, **dict(options or {}), **kwargs)
     input_ptrs = frozenset(t.data_ptr() for t in example_inputs
                            if isinstance(t, torch.Tensor) and t.device.type != "meta")
-    if mode not in (None, "default"):
-        log.info("mode=%r accepted; CUDA-graph replay arrives with the runtime issue", mode)
+    static = [_is_static(t) for t in example_inputs]
+    graphs = opts.cudagraphs if opts.cudagraphs is not None else mode == "reduce-overhead"
 
     def forward_compiler(fx_graph, inputs):
         t0 = time.perf_counter()
         captured = capture_aot_graph(fx_graph, inputs)
-        program, report, _, _ = build(captured, opts, time.perf_counter() - t0)
+        program, report, _, target = build(captured, opts, time.perf_counter() - t0)
         report.input_ptrs = input_ptrs
         _reports.append(report)
         stats["graphs"] += 1
+        step = program
+        if graphs and not target.interpret:
+            if len(inputs) == len(static):  # AOT kept Dynamo's inputs one for one
+                from turbofx.runtime.graphs import GraphRunner
+
+                step = GraphRunner(program, static, report.runtime_notes)
+            else:
+                report.runtime_notes.append("graph replay off: AOTAutograd changed the inputs, so the static "
+                                            "ones (weights, caches) cannot be told apart")
 
         def run(*args):
             stats["calls"] += 1
-            return program(list(args))
+            return step(list(args))
 
         return make_boxed_func(run)
 
