@@ -3,23 +3,20 @@
     python -m benchmarks.llm [--quick] [--json PATH] [--plot PATH] [--device cuda|cpu] [--dtype bf16|fp16|fp32]
         [--config MODEL_TYPE[:JSON]] [--batches 1,8,32] [--ctx 512,1024] [--prefill-len 2048] [--fresh-caches]
 
-Contestants, in this order: eager; eager+cudagraph (one decode step captured with torch.cuda.graph over
-static inputs, replayed); turbofx (decode: turbofx.compile(StaticDecoder(...)), the compiled program owns
-the KV cache; prefill: turbofx.compile(model, (ids,), {"use_cache": False})); inductor (torch.compile,
-dynamic=False); inductor+cudagraph (the inductor row's compiled step, warmed up, captured in a manual CUDA
-graph); inductor-reduce-overhead (mode="reduce-overhead": run last in a child process with a timeout, as it
-segfaulted on an H200 before; a crash, timeout or "skipped cudagraphs" is its result; same seed, weights
-checksum compared; decode only with --quick). The manual CUDA graph contestants time decode only.
-Decode: one step of one new token per sequence at batch B onto a StaticCache holding ctx tokens (max length
-ctx+64, filled once by eager from real tokens); every contestant runs the same StaticDecoder module and a
-step rewrites slot ctx, so calls repeat exactly. Prefill: one forward of 1 x prefill_len, use_cache=False.
-Metrics: ms per step (= ms/token of each sequence) and tokens/s; % of the memory roofline = (weights + KV
-read) bytes / device copy bandwidth measured in this run; prefill model TFLOP/s (2 x matmul params x tokens
-+ causal attention) and its % of a torch.mm peak measured in this run; compile s (first call); cold (the
-contestant's first compile in the process) and warm compile (again, after torch._dynamo.reset() for
-Inductor; a second turbofx.compile, whose kernel cache is on disk); peak memory. Failures are recorded per
-row (error / mismatch / skipped / crash / timeout), never stop the others, and the JSON is rewritten after
-every row. On CPU the CUDA graph contestants are "skipped: no CUDA".
+Contestants: eager; eager+cudagraph (a decode step captured with torch.cuda.graph over static inputs);
+turbofx (decode: turbofx.compile(StaticDecoder(...)), the program owns the KV cache; prefill: turbofx.compile(
+model, (ids,), {"use_cache": False})); inductor (torch.compile); inductor+cudagraph (the inductor step, warmed
+up, captured in a manual CUDA graph); inductor-reduce-overhead, last, in a child process with a timeout (it
+segfaulted on an H200 before): a crash, timeout or "skipped cudagraphs" is its result (same seed, weights
+checksum compared; --quick: first decode workload only). Manual CUDA graphs time decode only.
+Decode: one step (one new token per sequence, batch B) onto a StaticCache holding ctx real tokens (max ctx+64);
+all contestants run the same StaticDecoder and a step rewrites slot ctx, so calls repeat exactly. Prefill: one
+forward of 1 x prefill_len, use_cache=False. Metrics: ms/step (= ms/token), tokens/s, % of the memory roofline
+((weights + KV read) bytes at the copy bandwidth measured in this run), prefill TFLOP/s (2 x matmul params x
+tokens + causal attention) vs a torch.mm peak measured in this run, compile s (first call), cold (first in the
+process) and warm compile (again: after torch._dynamo.reset() for Inductor; a second turbofx.compile, kernel
+cache on disk), peak memory. A failure is recorded in its row and never stops the others; the JSON is rewritten
+after every row. On CPU the CUDA graph contestants are "skipped: no CUDA".
 """
 from __future__ import annotations
 
@@ -30,10 +27,9 @@ from dataclasses import dataclass, field
 import torch
 
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
-                max_position_embeddings=4096)
-LLAMA_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128, vocab_size=256, tie_word_embeddings=True, max_position_embeddings=4096)
+                intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=4096)
+LLAMA_TINY = dict(LLAMA_1B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=256)
 PRESETS = {"llama-1b": LLAMA_1B, "llama-tiny": LLAMA_TINY}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RO = "inductor-reduce-overhead"
@@ -188,11 +184,15 @@ def compile_twice(name: str, wl: Workload, rep: dict, state: dict, args) -> None
     if name == "inductor" and args.quick:
         entry["note"] = "warm compile skipped in --quick"
         return
-    sync(args.dev)
-    t0 = time.perf_counter()
-    build(name, wl, state["built"])  # Inductor: after torch._dynamo.reset(), inside build
-    sync(args.dev)
-    entry["warm_s"] = time.perf_counter() - t0
+    try:
+        sync(args.dev)
+        t0 = time.perf_counter()
+        build(name, wl, state["built"])  # Inductor: after torch._dynamo.reset(), inside build
+        sync(args.dev)
+        entry["warm_s"] = time.perf_counter() - t0
+    except Exception as e:
+        traceback.print_exc()
+        entry["note"] = f"warm compile failed: {type(e).__name__}: {e}"[:300]
 
 
 def run_one(name: str, wl: Workload, ref, args, state: dict) -> tuple[dict, torch.Tensor | None]:
@@ -211,7 +211,8 @@ def run_one(name: str, wl: Workload, ref, args, state: dict) -> tuple[dict, torc
             base = torch.cuda.memory_allocated()
         if name == RO:
             from torch._dynamo.utils import counters
-            [logging.getLogger(n).addHandler(grab) for n in CG_LOGS]
+            for n in CG_LOGS:
+                logging.getLogger(n).addHandler(grab)
             skips = counters["inductor"]["cudagraph_skips"]
         sync(dev)
         t0 = time.perf_counter()
@@ -226,8 +227,6 @@ def run_one(name: str, wl: Workload, ref, args, state: dict) -> tuple[dict, torc
             rep["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
             rep["extra_mib"] = rep["peak_mib"] - base / 2**20
         rep["status"] = "ok"
-        if name in ("inductor", "turbofx") and name not in state["compile"]:
-            compile_twice(name, wl, rep, state, args)
         if ref is not None:  # loose sanity check against eager: catches garbage, not rounding
             err = (out.float() - ref.float()).abs().max().item()
             rep["max_abs_err"], rep["rel_err"] = err, err / max(ref.float().abs().max().item(), 1e-6)
@@ -236,13 +235,16 @@ def run_one(name: str, wl: Workload, ref, args, state: dict) -> tuple[dict, torc
         if name == RO and counters["inductor"]["cudagraph_skips"] > skips:
             rep["status"] = "cudagraphs-skipped"
             rep["reason"] = "; ".join(r.getMessage() for r in grab.buffer)[:300] or "inductor counted a cudagraph skip"
+        if name in ("inductor", "turbofx") and name not in state["compile"]:
+            compile_twice(name, wl, rep, state, args)
     except Exception as e:
         traceback.print_exc()
         rep["reason"] = f"{type(e).__name__}: {e}"[:300]
         out = None
     finally:
         del step
-        [logging.getLogger(n).removeHandler(grab) for n in CG_LOGS]
+        for n in CG_LOGS:
+            logging.getLogger(n).removeHandler(grab)
     print(f"[{wl.name}] {name}: {rep['status']} {rep.get('ms', '')}", file=sys.stderr, flush=True)
     return rep, out
 
@@ -261,10 +263,12 @@ def run_child(args, meta: dict, specs: list[dict]) -> list[dict]:
     """The reduce-overhead rows, from a child process: a segfault there cannot take these results."""
     fd, path = tempfile.mkstemp(suffix=".json", prefix="llm-ro-")
     os.close(fd)
+    quick = args.quick and any(sp["kind"] == "decode" for sp in specs)  # --quick: the first decode workload only
+    batches, ctx = ([args.batches[0]], [args.ctx[0]]) if quick else (args.batches, args.ctx)
     argv = ["--child", "--json", path, "--contestants", f"eager,{RO}", "--device", args.device, "--dtype", args.dtype,
-            "--batches", ",".join(map(str, args.batches)), "--ctx", ",".join(map(str, args.ctx)),
+            "--batches", ",".join(map(str, batches)), "--ctx", ",".join(map(str, ctx)),
             "--prefill-len", str(args.prefill_len), "--iters", str(args.iters), "--warmup", str(args.warmup),
-            "--inner", str(args.inner), "--workloads", "decode" if args.quick else args.workloads]
+            "--inner", str(args.inner), "--workloads", "decode" if quick else args.workloads]
     argv += (["--config", args.config] if args.config else []) + (["--quick"] if args.quick else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     print(f"{RO}: child process, timeout {args.child_timeout}s", file=sys.stderr, flush=True)
@@ -290,8 +294,8 @@ def run_child(args, meta: dict, specs: list[dict]) -> list[dict]:
         wl, row = sp["workload"], {**sp, "contestant": RO}
         if wl in rows:
             out.append({**rows[wl], **({} if same else {"note": "child weights checksum differs"})})
-        elif args.quick and sp["kind"] == "prefill":
-            out.append({**row, "status": "skipped", "reason": "--quick: decode only"})
+        elif quick and wl != spec("decode", batches[0], ctx[0])["workload"]:
+            out.append({**row, "status": "skipped", "reason": f"--quick: {RO} on the first decode workload only"})
         elif first is None:
             first = wl
             status = "timeout" if rc is None else "crash" if rc < 0 else "error"
@@ -389,7 +393,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inner", type=int, help="decode calls per timed sample")
     p.add_argument("--workloads", default="decode,prefill")
     p.add_argument("--contestants", default=",".join(CONTESTANTS))
-    p.add_argument("--child-timeout", type=int, help=f"seconds for the {RO} child; default 900 (quick 150)")
+    p.add_argument("--child-timeout", type=int, help=f"seconds for the {RO} child; default 900 (quick 120)")
     p.add_argument("--fresh-caches", action="store_true", help="empty Inductor/Triton/turbofx caches: cold is cold")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -401,7 +405,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.iters = a.iters or ((10 if a.quick else 20) if cuda else (2 if a.quick else 3))
     a.warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
     a.inner = a.inner or ((5 if a.quick else 10) if cuda else 1)
-    a.child_timeout = a.child_timeout or (150 if a.quick else 900)
+    a.child_timeout = a.child_timeout or (120 if a.quick else 900)
     return a
 
 
@@ -422,7 +426,11 @@ def load_model(args):
             "transformers": transformers.__version__, "python": platform.python_version(), "dtype": args.dtype,
             "batches": args.batches, "ctx": args.ctx, "prefill_len": args.prefill_len, "iters": args.iters,
             "warmup": args.warmup, "inner": args.inner, "quick": args.quick, **facts, "config": cfg.to_dict(),
-            "probes": None if args.child else probe(args.dev, DTYPES[args.dtype]), "compile": {}}
+            "probes": None, "compile": {}}
+    try:
+        meta["probes"] = None if args.child else probe(args.dev, DTYPES[args.dtype])
+    except Exception as e:  # no roofline columns then, but the contestants still run
+        meta["probe_error"] = f"{type(e).__name__}: {e}"[:300]
     return model, cfg.get_text_config(decoder=True).vocab_size, meta
 
 
@@ -500,10 +508,10 @@ def main(argv=None) -> int:
 
 
 def report(args, meta: dict, results: list[dict]) -> None:
-    pr = meta["probes"]
+    pr = meta["probes"] or {}
     print(f"device: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  transformers "
           f"{meta['transformers']}  dtype {args.dtype}  params {meta['params'] / 1e6:.1f}M  copy "
-          f"{pr['copy_gbps']:.0f} GB/s  mm {pr['mm_tflops']:.1f} TFLOP/s ({pr['mm_dtype']})  iters {args.iters}\n")
+          f"{pr.get('copy_gbps', 0):.0f} GB/s  mm {pr.get('mm_tflops', 0):.1f} TFLOP/s  iters {args.iters}\n")
     text = table(results, meta["compile"])
     print(text)
     if args.json:

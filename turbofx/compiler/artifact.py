@@ -8,6 +8,7 @@ failed export leaves nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -83,6 +84,23 @@ def _expected_json(expected: list) -> list:
     return out
 
 
+@contextlib.contextmanager
+def atomic_dir(output_dir: str | os.PathLike):
+    """Yield a temporary sibling of ``output_dir``; on success it replaces ``output_dir``, on any
+    failure it is removed, so a failed export leaves nothing half-written."""
+    out = Path(output_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save(compiled, output_dir: str | os.PathLike, extra: dict | None = None, overwrite: bool = True,
          shares_weights_with: str | None = None) -> Path:
     """Write ``compiled`` (a CompiledModule) to ``output_dir`` atomically. With
@@ -93,9 +111,7 @@ def save(compiled, output_dir: str | os.PathLike, extra: dict | None = None, ove
     out = Path(output_dir).resolve()
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} exists; pass overwrite=True or choose another --output-dir")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         prog = compiled._program
         (tmp / "kernels").mkdir()
         for name, src in prog.sources.items():
@@ -125,12 +141,6 @@ def save(compiled, output_dir: str | os.PathLike, extra: dict | None = None, ove
             "shares_weights_with": shares_weights_with,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -64,7 +64,9 @@ def cmd_export(a) -> int:
     extra = {"model": a.model, "vocab_size": vocab, "eos_token_id": eos}
     print(f"compiling for {a.target or 'the detected target'} ...", file=sys.stderr, flush=True)
     if a.kind == "generation" or (a.kind == "auto" and _is_causal_lm(model)):
-        path = _export_generation(model, ids, a, extra)
+        from turbofx.compiler.generation import export_generation
+
+        path = export_generation(model, ids, a.output_dir, a.max_cache_len, target=a.target, extra=extra)
     else:
         kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
         extra["generate_kwargs"] = kwargs
@@ -75,43 +77,6 @@ def cmd_export(a) -> int:
         tok.save_pretrained(path / "tokenizer")
     print(f"wrote {path}")
     return 0
-
-
-def _export_generation(model, ids, a, extra: dict):
-    """Two programs over one static KV cache: prefill (prompt length symbolic) and the decode
-    step; the decode artifact holds the weights and the cache, prefill shares them."""
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    import torch
-
-    import turbofx
-    from turbofx.compiler.artifact import save
-    from turbofx.compiler.generation import StaticDecoder, prompt_inputs
-
-    out = Path(a.output_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    decoder = StaticDecoder(model, 1, a.max_cache_len).eval()
-    args = prompt_inputs(ids, torch.ones_like(ids), a.max_cache_len)
-    step = (ids[:, :1], args[1][:1] + ids.shape[1], args[2], args[3][:, -1:] + 1)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        with torch.no_grad():
-            prefill = turbofx.compile(decoder, args, target=a.target, dynamic=True, cudagraphs=False)
-            decode = turbofx.compile(decoder, step, target=a.target, cudagraphs=False)
-        decoder.reset()
-        save(decode, tmp / "decode", extra=extra)
-        save(prefill, tmp / "prefill", shares_weights_with="../decode")
-        (tmp / "generation.json").write_text(json.dumps({**extra, "max_cache_len": a.max_cache_len}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def cmd_run(a) -> int:
@@ -142,28 +107,11 @@ def cmd_run(a) -> int:
 
 
 def _run_generation(d, tok, a) -> int:
-    import torch
+    from turbofx.compiler.generation import load_generation
 
-    import turbofx
-    from turbofx.compiler.generation import decode_loop, prompt_inputs
-
-    info = json.loads((d / "generation.json").read_text())
-    decode = turbofx.load(d / "decode")
-    prefill = turbofx.load(d / "prefill", shared_state=decode._state)
-    for key, t in decode._state.items():  # an empty cache
-        if key.startswith(("key_cache_", "value_cache_", "cumulative_length_")):
-            t.zero_()
-    ids = _prompt_ids(tok, a.prompt, info["vocab_size"])
-    room = info["max_cache_len"] - a.max_new_tokens
-    if ids.shape[1] > room:
-        from turbofx.errors import TurbofxError
-
-        raise TurbofxError(f"prompt of {ids.shape[1]} tokens + {a.max_new_tokens} new exceeds the cache "
-                           f"({info['max_cache_len']}); re-export with a larger --max-cache-len")
-    eos = info.get("eos_token_id")
-    eos = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
-    res = decode_loop(prefill, decode, prompt_inputs(ids, torch.ones_like(ids), info["max_cache_len"]), 1,
-                      a.max_new_tokens, eos=eos, pad=min(eos) if eos else 0)
+    gen = load_generation(d)
+    ids = _prompt_ids(tok, a.prompt, gen.info["vocab_size"])
+    res = gen.generate(ids, a.max_new_tokens)
     tokens = res.new_tokens[0].tolist()
     print(_decode(tok, tokens))
     print(f"[{len(tokens)} tokens: prefill {res.prefill_seconds:.2f}s, decode {res.decode_tokens_per_second:.2f} "

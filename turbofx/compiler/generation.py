@@ -253,3 +253,67 @@ def prompt_inputs(ids: torch.Tensor, mask: torch.Tensor, cache_len: int) -> tupl
     step_mask[:, :sp] = mask  # slots after the prompt: hidden by causality until written
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, torch.arange(sp, device=ids.device), step_mask, positions
+
+
+_CACHE_KEYS = ("key_cache_", "value_cache_", "cumulative_length_")
+
+
+def export_generation(model: torch.nn.Module, example_ids: torch.Tensor, output_dir, max_cache_len: int = 256,
+                      target: str | None = None, extra: dict | None = None):
+    """Write a generation artifact: prefill (prompt length symbolic) and the decode step over one
+    exported KV cache; the decode artifact holds weights and cache, prefill shares them."""
+    import json
+
+    from turbofx.compiler.artifact import atomic_dir, save
+    from turbofx.compiler.driver import compile as tfx_compile
+
+    decoder = StaticDecoder(model, 1, max_cache_len).eval()
+    args = prompt_inputs(example_ids, torch.ones_like(example_ids), max_cache_len)
+    step = (example_ids[:, :1], args[1][:1] + example_ids.shape[1], args[2], args[3][:, -1:] + 1)
+    with atomic_dir(output_dir) as tmp:
+        with torch.no_grad():
+            prefill = tfx_compile(decoder, args, target=target, dynamic=True, cudagraphs=False)
+            decode = tfx_compile(decoder, step, target=target, cudagraphs=False)
+        decoder.reset()
+        save(decode, tmp / "decode", extra=extra)
+        save(prefill, tmp / "prefill", shares_weights_with="../decode")
+        (tmp / "generation.json").write_text(json.dumps({**(extra or {}), "max_cache_len": max_cache_len}, indent=1))
+    from pathlib import Path
+
+    return Path(output_dir).resolve()
+
+
+class LoadedGeneration:
+    """Prefill and decode programs loaded from a generation artifact, sharing one KV cache."""
+
+    def __init__(self, path):
+        import json
+        from pathlib import Path
+
+        from turbofx.compiler.artifact import load
+
+        d = Path(path)
+        self.info = json.loads((d / "generation.json").read_text())
+        self.decode = load(d / "decode")
+        self.prefill = load(d / "prefill", shared_state=self.decode._state)
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> GenerateResult:
+        cache_len = self.info["max_cache_len"]
+        if ids.shape[1] + max_new_tokens > cache_len:
+            from turbofx.errors import TurbofxError
+
+            raise TurbofxError(f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new exceeds the cache "
+                               f"({cache_len}); re-export with a larger --max-cache-len")
+        for key, t in self.decode._state.items():  # start from an empty cache
+            if key.startswith(_CACHE_KEYS):
+                t.zero_()
+        eos = self.info.get("eos_token_id")
+        eos = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        res = decode_loop(self.prefill, self.decode, prompt_inputs(ids, torch.ones_like(ids), cache_len), ids.shape[0],
+                          max_new_tokens, eos=eos, pad=min(eos) if eos else 0)
+        res.sequences = torch.cat([ids, res.new_tokens], dim=1)
+        return res
+
+
+def load_generation(path) -> LoadedGeneration:
+    return LoadedGeneration(path)
