@@ -62,7 +62,7 @@ def time_ms(step, device: torch.device, warmup: int, iters: int, inner: int = 1)
     sync(device)
     cuda, times = device.type == "cuda", []
     for _ in range(iters):
-        start, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else (None, None)
+        start, end = [torch.cuda.Event(enable_timing=True) if cuda else None for _ in range(2)]
         t0 = start.record() if cuda else time.perf_counter()
         for _ in range(inner):
             step()
@@ -80,7 +80,6 @@ def probe(device: torch.device, dtype: torch.dtype) -> dict:
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_ms = time_ms(lambda: dst.copy_(src), device, 2, 10 if cuda else 3)
-    del src, dst
     a, b = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
     mm_ms = time_ms(lambda: torch.mm(a, b), device, 3, 10 if cuda else 3, inner=5 if cuda else 1)
     return {"copy_gbps": 2 * n / copy_ms / 1e6, "copy_bytes": n, "mm_tflops": 2 * m**3 / mm_ms / 1e9,
@@ -313,7 +312,8 @@ def add_metrics(results: list[dict], facts: dict, probes: dict | None) -> None:
             continue
         if r["kind"] == "decode":
             r["ms_per_token"], r["tokens_per_s"] = ms, b * 1e3 / ms
-            r["bytes_per_step"] = (f["matmul_params"] + 2 * f["layers"] * b * f["kv_heads"] * f["head_dim"] * (n + 1)) * f["elt"]
+            kv_read = 2 * f["layers"] * b * f["kv_heads"] * f["head_dim"] * (n + 1)  # keys and values, ctx + new token
+            r["bytes_per_step"] = (f["matmul_params"] + kv_read) * f["elt"]
             if probes:
                 r["roofline_pct"] = 100 * r["bytes_per_step"] / probes["copy_gbps"] / 1e6 / ms
         else:
@@ -338,13 +338,13 @@ def table(results: list[dict], compiles: dict) -> str:
         eff = (f"{r['roofline_pct']:.0f}% of copy BW" if "roofline_pct" in r else
                f"{r['tflops']:.1f} TF/s ({r['mm_peak_pct']:.0f}% mm)" if "mm_peak_pct" in r else "-")
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')[:100]}"
-        lines.append(f"| {r['workload']} | {r['contestant']} | {f(r.get('ms'), '.3f')} | {f(r.get('tokens_per_s'), '.1f')} "
-                     f"| {eff} | {f(r.get('vs_eager'), '.2f')} | {f(r.get('vs_inductor'), '.2f')} "
-                     f"| {f(r.get('compile_s'), '.1f')} | {f(r.get('peak_mib'), '.0f')} | {f(r.get('max_abs_err'), '.2e')} "
-                     f"| {status.replace('|', '/')} |")
+        cells = [r["workload"], r["contestant"], f(r.get("ms"), ".3f"), f(r.get("tokens_per_s"), ".1f"), eff,
+                 f(r.get("vs_eager"), ".2f"), f(r.get("vs_inductor"), ".2f"), f(r.get("compile_s"), ".1f"),
+                 f(r.get("peak_mib"), ".0f"), f(r.get("max_abs_err"), ".2e"), status.replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| compile | workload | cold s | warm s | note |", "|---|---|---:|---:|---|"]
-    lines += [f"| {k} | {v['workload']} | {f(v.get('cold_s'), '.1f')} | {f(v.get('warm_s'), '.1f')} | {v.get('note', '')} |"
-              for k, v in compiles.items()]
+    lines += [f"| {k} | {v['workload']} | {f(v.get('cold_s'), '.1f')} | {f(v.get('warm_s'), '.1f')} "
+              f"| {v.get('note', '')} |" for k, v in compiles.items()]
     errors = [f"- {r['workload']}/{r['contestant']}: {r.get('reason') or r.get('explain_error') or r['status']}"
               for r in results if r["status"] not in ("ok", "skipped") or r.get("explain_error")]
     return "\n".join(lines + (["", "failures:"] + errors if errors else []))
@@ -421,7 +421,8 @@ def load_model(args):
     except ImportError:
         triton = None
     facts = model_facts(model)
-    meta = {"device": torch.cuda.get_device_name(args.dev) if args.dev.type == "cuda" else platform.processor() or "cpu",
+    cuda = args.dev.type == "cuda"
+    meta = {"device": torch.cuda.get_device_name(args.dev) if cuda else platform.processor() or "cpu",
             "torch": torch.__version__, "triton": getattr(triton, "__version__", None),
             "transformers": transformers.__version__, "python": platform.python_version(), "dtype": args.dtype,
             "batches": args.batches, "ctx": args.ctx, "prefill_len": args.prefill_len, "iters": args.iters,

@@ -131,9 +131,70 @@ def tfx_attention_combine(PO, PL, O, sob, soh, som, sod, H, SQ, D, n_splits,
     out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def tfx_attention_varlen(Q, K, V, O, ROW_LO, ROW_HI, TILES, sqt, sqh, sqd, skt, skh, skd, svt, svh, svd,
+                         sot, soh, sod, H, GROUPS, T, D, scale,
+                         UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Packed variable-length batch: a tile is BLOCK_M consecutive packed rows, so several short
+    # sequences share one tile; each row sees keys [ROW_LO, ROW_HI) of its own sequence. Tiles run
+    # in the host's longest-work-first order (TILES) to keep blocks balanced.
+    tile = tl.load(TILES + tl.program_id(0))
+    h = tl.program_id(1).to(tl.int64)
+    hk = h // GROUPS
+    offs_m = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < T
+    d_ok = offs_d < D
+    row_lo = tl.load(ROW_LO + offs_m, mask=m_ok, other=T)
+    row_hi = tl.load(ROW_HI + offs_m, mask=m_ok, other=0)
+    lo = (tl.min(row_lo, 0) // BLOCK_N) * BLOCK_N
+    hi = tl.max(row_hi, 0)
+    q = tl.load(Q + offs_m[:, None] * sqt + h * sqh + offs_d[None, :] * sqd, mask=m_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < T
+        k = tl.load(K + offs_n[None, :] * skt + hk * skh + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None],
+                    other=0.0)
+        v = tl.load(V + offs_n[:, None] * svt + hk * svh + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, k) * scale
+        keep = m_ok[:, None] & (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_use[:, None])
+        alpha = tl.exp(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(p, v)
+        elif IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(O + offs_m[:, None] * sot + h * soh + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
 '''
 
 COMBINE = "tfx_attention_combine"
+VARLEN = "tfx_attention_varlen"
 
 
 def blocks(target: Target, head_dim: int, elem_size: int = 2) -> dict:

@@ -26,6 +26,7 @@ from turbofx.runtime import ops as _ops  # noqa: F401  (torch.ops.turbofx.*)
 
 aten = torch.ops.aten
 ATTENTION = torch.ops.turbofx.attention.default
+VARLEN = torch.ops.turbofx.varlen_attention.default
 
 
 def val_int(s) -> int:
@@ -212,6 +213,22 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
                     uses.setdefault(slot[a], []).append(i)
             storage_root[slot[n]] = slot[n]
             records.append(KernelRecord(attention_template.NAME, "attention", "attention", [n.name]))
+        elif u.target is VARLEN:
+            n = u
+            q, k, v, cu, scale, causal = n.args
+            sources[attention_template.VARLEN] = attention_template.SOURCE
+            ov = n.meta["val"]
+            steps.append({
+                "type": "varlen_attention", "kernel": attention_template.VARLEN, "q": slot[q], "k": slot[k],
+                "v": slot[v], "cu_seqlens": slot[cu], "out": slot[n], "scale": scale, "causal": causal,
+                "shape": [ix.pyexpr(e) for e in ix.shape_of(n)], "stride": [ix.pyexpr(e) for e in ix.strides_of(n)],
+                "blocks": attention_template.blocks(target, int(val_int(ov.shape[-1])), ov.element_size()),
+                "node": n.name})
+            defined_at[slot[n]] = i
+            for a in (q, k, v, cu):
+                uses.setdefault(slot[a], []).append(i)
+            storage_root[slot[n]] = slot[n]
+            records.append(KernelRecord(attention_template.VARLEN, "attention", "varlen_attention", [n.name]))
         else:
             n = u
             reason = _extern_reason(n, refusals)

@@ -55,3 +55,26 @@ def allowed(sq: int, sk: int, causal: bool, window: int, device) -> torch.Tensor
     if window > 0:
         keep = keep & (j > i - window)
     return keep
+
+
+@torch.library.custom_op("turbofx::varlen_attention", mutates_args=())
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+                     causal: bool) -> torch.Tensor:
+    """Attention over a packed batch: q [T, H, D], k/v [T, Hkv, D]; sequence i is rows
+    cu_seqlens[i]:cu_seqlens[i+1] and attends only to itself (no padding anywhere)."""
+    return varlen_reference(q, k, v, cu_seqlens, scale, causal)
+
+
+@varlen_attention.register_fake
+def _(q, k, v, cu_seqlens, scale, causal):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+def varlen_reference(q, k, v, cu_seqlens, scale, causal, compute_dtype=torch.float32):
+    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            seq = [t[a:b].transpose(0, 1)[None] for t in (q, k, v)]  # [1, H, S, D]
+            out[a:b] = attention_reference(*seq, None, scale, causal, 0, 0.0, compute_dtype)[0].transpose(0, 1)
+    return out

@@ -148,7 +148,9 @@ class Program:
         self.frees: list[list[int]] = d["frees"]
         self.steps = []
         for s in d["steps"]:
-            if s["type"] == "attention":
+            if s["type"] == "varlen_attention":
+                self.steps.append(self._varlen_runner(s, kernels[s["kernel"]]))
+            elif s["type"] == "attention":
                 self.steps.append(self._attention_runner(s, kernels[s["kernel"]], kernels[s["combine"]]))
             elif s["type"] == "kernel":
                 ks = KernelStep(**{k: v for k, v in s.items() if k != "type"})
@@ -236,6 +238,44 @@ class Program:
             if splits > 1:
                 combine[(q_tiles, b * h)](po, pl, out, *out.stride(), h, sq, d, splits, BLOCK_M=block_m,
                                           BLOCK_D=blocks["BLOCK_D"], BLOCK_S=_pow2(splits), num_warps=num_warps)
+
+        run.step = s
+        return run
+
+    @staticmethod
+    def _varlen_runner(s: dict, fn):
+        """Packed variable-length attention: per-row key ranges from cu_seqlens, tiles of
+        consecutive rows scheduled longest-work-first."""
+        shape = [_compile_expr(e) for e in s["shape"]]
+        stride = [_compile_expr(e) for e in s["stride"]]
+        blocks = {k: v for k, v in s["blocks"].items() if k not in ("num_warps", "sm_count", "interpret")}
+        num_warps = s["blocks"]["num_warps"]
+        qi, ki, vi, ci, oi = s["q"], s["k"], s["v"], s["cu_seqlens"], s["out"]
+        causal = bool(s["causal"])
+
+        def run(values: list, env: dict) -> None:
+            q, k, v, cu = values[qi], values[ki], values[vi], values[ci]
+            out = torch.empty_strided([_eval(c, env) for c in shape], [_eval(c, env) for c in stride],
+                                      dtype=q.dtype, device=q.device)
+            values[oi] = out
+            t, h, d = q.shape
+            if t == 0:
+                return
+            cu = cu.to(device=q.device, dtype=torch.int64)
+            lengths = cu[1:] - cu[:-1]
+            seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
+            rows = torch.arange(t, device=q.device)
+            row_lo = cu[:-1][seq].to(torch.int32)
+            row_hi = (rows + 1 if causal else cu[1:][seq]).to(torch.int32)
+            bm = blocks["BLOCK_M"]
+            n_tiles = -(-t // bm)
+            pad = n_tiles * bm - t
+            lo_t = torch.nn.functional.pad(row_lo, (0, pad), value=t).view(n_tiles, bm).amin(1)
+            hi_t = torch.nn.functional.pad(row_hi, (0, pad), value=0).view(n_tiles, bm).amax(1)
+            tiles = torch.argsort(hi_t - lo_t, descending=True).to(torch.int32)  # longest work first
+            fn[(n_tiles, h)](q, k, v, out, row_lo, row_hi, tiles, *q.stride(), *k.stride(), *v.stride(),
+                             *out.stride(), h, h // k.shape[1], t, d, float(s["scale"]), num_warps=num_warps,
+                             **blocks)
 
         run.step = s
         return run
