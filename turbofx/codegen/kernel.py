@@ -2,9 +2,11 @@
 
 Pointwise regions iterate a flat index over ``full``; reduction regions iterate ``[rows, C]``
 with a whole row per program (persistent reduction: every reduction of the region reads the
-row from registers, so softmax and norms read their input once). Loads fold view chains into
-their index (sympy), dims every access walks contiguously are coalesced, and symbolic sizes
-become integer kernel arguments.
+row from registers, so softmax and norms read their input once), or, for long or symbolic rows,
+loop over RBLOCK tiles (one pass per reduction, softmax's max and sum in one online pass, a
+last pass for the full-sized outputs). Values are emitted on demand per scope (kernel body or
+loop body). Loads fold view chains into their index (sympy), dims every access walks
+contiguously are coalesced, and symbolic sizes become integer kernel arguments.
 """
 from __future__ import annotations
 
@@ -53,9 +55,6 @@ class _Writer:
         name = self.fresh()
         self.line(indent, f"{name} = {code}")
         return name
-
-    def tmp(self, code: str) -> str:
-        return self.tmp_at(4, code)
 
 
 class _Scope:
