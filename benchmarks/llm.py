@@ -5,8 +5,9 @@
 
 Contestants: eager; eager+cudagraph (a decode step captured with torch.cuda.graph over static inputs);
 turbofx (decode: turbofx.compile(StaticDecoder(...)), the program owns the KV cache; prefill: turbofx.compile(
-model, (ids,), {"use_cache": False})); inductor (torch.compile); inductor+cudagraph (the inductor step, warmed
-up, captured in a manual CUDA graph); inductor-reduce-overhead, last, in a child process with a timeout (it
+model, (ids,), {"use_cache": False}); on GPUs it replays its own CUDA graphs by default, see each row's
+"turbofx" record); inductor (torch.compile); inductor+cudagraph (the inductor step, warmed up, captured
+in a manual CUDA graph); inductor-reduce-overhead, last, in a child process with a timeout (it
 segfaulted on an H200 before): a crash, timeout or "skipped cudagraphs" is its result (same seed, weights
 checksum compared; --quick: first decode workload only). Manual CUDA graphs time decode only.
 Decode: one step (one new token per sequence, batch B) onto a StaticCache holding ctx real tokens (max ctx+64);
@@ -219,9 +220,9 @@ def run_one(name: str, wl: Workload, ref, args, state: dict) -> tuple[dict, torc
         out = logits_of(step()).clone()
         sync(dev)
         rep["compile_s"] = time.perf_counter() - t0  # first call, compile (and capture) included
+        rep["ms"] = time_ms(step, dev, args.warmup, args.iters, args.inner if wl.kind == "decode" else 1)
         if name == "turbofx":
             explain(state["built"]["turbofx"], rep)
-        rep["ms"] = time_ms(step, dev, args.warmup, args.iters, args.inner if wl.kind == "decode" else 1)
         if cuda:
             rep["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
             rep["extra_mib"] = rep["peak_mib"] - base / 2**20
@@ -253,7 +254,9 @@ def explain(cm, rep: dict) -> None:
     try:
         report = turbofx.explain(cm)
         rep["turbofx"] = {"kernels": len(report.kernels), "kinds": dict(Counter(k.kind for k in report.kernels)),
-                          "stage_seconds": dict(report.stage_seconds)}
+                          "stage_seconds": dict(report.stage_seconds),  # graph replay is on by default on GPUs:
+                          "graph_replays": getattr(getattr(cm, "_runner", None), "replays", None),
+                          "runtime_notes": list(getattr(report, "runtime_notes", []))[-5:]}
     except Exception as e:  # the benchmark still runs; the failure is recorded
         rep["explain_error"] = f"{type(e).__name__}: {e}"[:300]
 
@@ -335,8 +338,8 @@ def table(results: list[dict], compiles: dict) -> str:
     lines = ["| workload | contestant | ms/step | tokens/s | roofline | vs eager | vs inductor | compile s "
              "| peak MiB | max abs err | status |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        eff = (f"{r['roofline_pct']:.0f}% of copy BW" if "roofline_pct" in r else
-               f"{r['tflops']:.1f} TF/s ({r['mm_peak_pct']:.0f}% mm)" if "mm_peak_pct" in r else "-")
+        eff = (f"{r['roofline_pct']:.1f}% of copy BW" if "roofline_pct" in r else
+               f"{r['tflops']:.3g} TF/s ({r['mm_peak_pct']:.1f}% mm)" if "mm_peak_pct" in r else "-")
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')[:100]}"
         cells = [r["workload"], r["contestant"], f(r.get("ms"), ".3f"), f(r.get("tokens_per_s"), ".1f"), eff,
                  f(r.get("vs_eager"), ".2f"), f(r.get("vs_inductor"), ".2f"), f(r.get("compile_s"), ".1f"),
@@ -347,7 +350,11 @@ def table(results: list[dict], compiles: dict) -> str:
               f"| {v.get('note', '')} |" for k, v in compiles.items()]
     errors = [f"- {r['workload']}/{r['contestant']}: {r.get('reason') or r.get('explain_error') or r['status']}"
               for r in results if r["status"] not in ("ok", "skipped") or r.get("explain_error")]
-    return "\n".join(lines + (["", "failures:"] + errors if errors else []))
+    notes = [f"- {r['workload']}/turbofx: graph replays {r['turbofx'].get('graph_replays')}; "
+             + "; ".join(r["turbofx"]["runtime_notes"])[:200] for r in results
+             if r.get("turbofx") and (r["turbofx"]["graph_replays"] is not None or r["turbofx"]["runtime_notes"])]
+    lines += ["", "failures:"] + errors if errors else []
+    return "\n".join(lines + (["", "turbofx runtime:"] + notes if notes else []))
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -512,7 +519,7 @@ def report(args, meta: dict, results: list[dict]) -> None:
     pr = meta["probes"] or {}
     print(f"device: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  transformers "
           f"{meta['transformers']}  dtype {args.dtype}  params {meta['params'] / 1e6:.1f}M  copy "
-          f"{pr.get('copy_gbps', 0):.0f} GB/s  mm {pr.get('mm_tflops', 0):.1f} TFLOP/s  iters {args.iters}\n")
+          f"{pr.get('copy_gbps', 0):.0f} GB/s  mm {pr.get('mm_tflops', 0):.3g} TFLOP/s  iters {args.iters}\n")
     text = table(results, meta["compile"])
     print(text)
     if args.json:
