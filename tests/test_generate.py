@@ -20,7 +20,11 @@ def test_greedy_equals_hf_eager(name):
         ref = model.generate(ids, max_new_tokens=6, do_sample=False)
     out = turbofx.generate(model, ids, 6)
     assert torch.equal(out.sequences, ref), (out.sequences, ref)
-    assert any(k.kind == "attention" for k in out.reports["decode"].kernels)  # over the KV cache
+    decode = out.reports["decode"].kernels
+    assert any(k.kind == "attention" for k in decode)  # over the KV cache
+    # the cache is updated in place: no functional copy of the whole cache per layer per step
+    layers = model.config.num_hidden_layers
+    assert sum("in place" in k.reason for k in decode) == 2 * layers, [k.label for k in decode if "index" in k.label]
     assert out.steps == 6
 
 

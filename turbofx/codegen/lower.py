@@ -27,6 +27,7 @@ from turbofx.runtime import ops as _ops  # noqa: F401  (torch.ops.turbofx.*)
 aten = torch.ops.aten
 ATTENTION = torch.ops.turbofx.attention.default
 VARLEN = torch.ops.turbofx.varlen_attention.default
+_INPLACE = {aten.index_put.default: aten.index_put_.default, aten.index_copy.default: aten.index_copy_.default}
 
 
 def val_int(s) -> int:
@@ -82,7 +83,43 @@ def _is_scalar(n) -> bool:
     return isinstance(n, fx.Node) and isinstance(n.meta.get("val"), (torch.SymInt, int)) and not isinstance(n.meta.get("val"), bool)
 
 
-def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: dict[str, str]) -> Lowered:
+def _descendants(v: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), list(v.users)
+    while stack:
+        x = stack.pop()
+        if x not in seen:
+            seen.add(x)
+            stack.extend(x.users)
+    return seen
+
+
+def _reinplaceable(g: fx.Graph, write_backs: dict[fx.Node, fx.Node], region_of: dict) -> set[fx.Node]:
+    """Functional cache updates ``v = index_put(p, ...)`` whose result is written back into ``p``
+    anyway: run them in place on ``p`` (no copy of the whole cache, no write-back copy). Safe when
+    no reader of the old ``p`` depends on ``v`` (those readers are ordered before ``v``)."""
+    out = set()
+    for v, p in write_backs.items():
+        if v.target not in _INPLACE or v.args[0] is not p or v in region_of or p.op != "placeholder":
+            continue
+        later = _descendants(v)
+        if not any(u in later for u in p.users if u is not v and not _writes_arg0(u)):
+            out.add(v)
+    return out
+
+
+def _write_backs(g: fx.Graph, output: fx.Node, mutated_outputs: dict[int, fx.Node]) -> dict[fx.Node, fx.Node]:
+    """value -> the input it is written back into (export: mutation outputs; AOT: copy_ nodes)."""
+    outs = _flat_outputs(output)
+    wb = {outs[i]: p for i, p in mutated_outputs.items() if isinstance(outs[i], fx.Node)}
+    for n in g.nodes:
+        if n.target is aten.copy_.default and isinstance(n.args[1], fx.Node):
+            wb[n.args[1]] = n.args[0]
+    return wb
+
+
+def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: dict[str, str],
+          mutated_outputs: dict[int, fx.Node] | None = None) -> Lowered:
+    """``mutated_outputs``: graph output position -> the placeholder it is written back into."""
     g = gm.graph
     order = {n: i for i, n in enumerate(g.nodes)}
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
@@ -93,7 +130,8 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
     # which nodes need a value: graph outputs, extern args, kernel inputs (closure backwards)
     needed: set[fx.Node] = set()
     # in-place writes (AOT's copy_ of a mutated input) are effects: needed though nothing reads them
-    writes = [n for n in g.nodes if n.op == "call_function" and _writes_arg0(n)]
+    inplace = _reinplaceable(g, _write_backs(g, output, mutated_outputs or {}), region_of)
+    writes = [n for n in g.nodes if n.op == "call_function" and (_writes_arg0(n) or n in inplace)]
     work = [a for a in output.all_input_nodes] + writes
     while work:
         n = work.pop()
@@ -120,9 +158,10 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
             if d != k:
                 dag.add_edge(d, k)
     for w in writes:  # a write comes after every other reader of the tensor it overwrites
+        after = _descendants(w)
         for reader in w.args[0].users:
             r = id(region_of.get(reader, reader))
-            if reader is not w and r in units and r != id(w):
+            if reader is not w and reader not in after and r in units and r != id(w):
                 dag.add_edge(r, id(w))
     first = {k: (min(order[m] for m in u.nodes) if isinstance(u, Region) else order[u]) for k, u in units.items()}
     schedule = [units[k] for k in nx.lexicographical_topological_sort(dag, key=lambda k: first[k])]
@@ -232,7 +271,10 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
         else:
             n = u
             reason = _extern_reason(n, refusals)
-            steps.append({"type": "extern", "op": op_name(n.target), "args": template(list(n.args)),
+            op = op_name(_INPLACE[n.target] if n in inplace else n.target)
+            if n in inplace:
+                reason = "cache update in place (its write-back is then free)"
+            steps.append({"type": "extern", "op": op, "args": template(list(n.args)),
                           "kwargs": template(dict(n.kwargs))["$kw"], "out": slot[n], "node": n.name,
                           "reason": reason})
             defined_at[slot[n]] = i
@@ -240,7 +282,7 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
             for s_ in ins:
                 uses.setdefault(s_, []).append(i)
             # outputs of aliasing ops (views, getitem of tuples) share their inputs' storage
-            aliasing = n.target is operator.getitem or (
+            aliasing = n.target is operator.getitem or n in inplace or (
                 isinstance(n.target, torch._ops.OpOverload)
                 and any(r.alias_info is not None for r in n.target._schema.returns))
             roots = {storage_root[s_] for s_ in ins if s_ in storage_root}
@@ -248,7 +290,7 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
             if aliasing and len(roots) > 1:
                 for r in roots:  # conservatively keep every possible base alive together
                     storage_root[r] = min(roots)
-            records.append(KernelRecord(n.name, "extern", op_name(n.target), [n.name], reason))
+            records.append(KernelRecord(n.name, "extern", op, [n.name], reason))
 
     out_template = [template(a) for a in _flat_outputs(output)]
     forever = len(steps)

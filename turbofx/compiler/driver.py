@@ -117,7 +117,12 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0):
     t1 = time.perf_counter()
     refusals = {name: why for rec in report.passes for name, why in rec.refused}
     log.info("generating %d kernels for %s", len(ctx.regions), target.describe())
-    lowered = lower(captured.gm, ctx.regions, target, refusals)
+    placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
+    by_target = {spec.target: p for spec, p in zip(captured.inputs, placeholders) if spec.target is not None}
+    by_name = {p.name: p for p in placeholders}
+    mutated = {i: by_target.get(o.target) or by_name.get(o.target) for i, o in enumerate(captured.outputs)
+               if o.kind != "user"}
+    lowered = lower(captured.gm, ctx.regions, target, refusals, {i: p for i, p in mutated.items() if p is not None})
     kernels = {name: cache.load(name, src, target) for name, src in lowered.sources.items()}
     lowered.program["target"] = {"backend": target.backend, "arch": target.arch}
     program = Program(lowered.program, kernels)
