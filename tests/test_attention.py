@@ -183,3 +183,25 @@ def test_varlen_packed_batch(causal, dtype):
                    causal=causal) if dtype == torch.float32 else None
     if alone is not None:
         torch.testing.assert_close(out[a:b], alone[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_mistral_sliding_window(impl):
+    """A sliding window shorter than the sequence: the window arrives as a mask and is kept."""
+    from transformers import AutoModelForCausalLM
+
+    from turbofx.compiler.models import TINY_CONFIGS
+
+    config = TINY_CONFIGS["mistral"]()
+    config.sliding_window = 3
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
+    args, kwargs = example_inputs("mistral", batch=2, seq=10)
+    cm = turbofx.compile(model, args, kwargs)
+    assert sum(k.kind == "attention" for k in turbofx.explain(cm).kernels) == config.num_hidden_layers
+    with torch.no_grad():
+        ref, out = model(*args, **kwargs).logits, cm(*args, **kwargs).logits
+        full = AutoModelForCausalLM.from_config(TINY_CONFIGS["mistral"](), attn_implementation=impl)
+        full.load_state_dict(model.state_dict())
+        assert not torch.allclose(full.eval()(*args, **kwargs).logits, ref, atol=1e-4)  # the window matters
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
