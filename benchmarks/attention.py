@@ -340,7 +340,7 @@ def run_one(name: str, w: dict, inputs: list[tuple], ref: torch.Tensor, args) ->
         rep["reason"] = (f"{type(e).__name__}: {_first_line(e)}"[:300] + _why(caught))[:800]
         rep.pop("kv", None)
     finally:
-        del fn, kvs
+        fn = kvs = None  # release the inputs before the next contestant
         if device.type == "cuda":
             try:
                 sync(device)

@@ -289,7 +289,7 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
             w.line(body.indent, f"{sacc} = {sacc} * tl.exp(tl.where({mn} == float('-inf'), 0.0, {m} - {mn})) + "
                                 f"tl.where({mn} == float('-inf'), 0.0, tl.exp({xv} - {mn}))")
             w.line(body.indent, f"{m} = {mn}")
-            amax, expsum = pair[1], n
+            amax = pair[1]
             top = w.tmp_at(scope.indent, f"tl.max({m}, 1)[:, None]")
             scope.values[amax] = w.tmp_at(scope.indent, f"({top}).to({compute_dtype(amax.meta['val'].dtype)})")
             total = f"tl.sum(tl.where({m} == float('-inf'), 0.0, {sacc} * tl.exp({m} - {top})), 1)[:, None]"

@@ -12,7 +12,6 @@ import operator
 from dataclasses import dataclass, field
 
 import networkx as nx
-import sympy
 import torch
 import torch.fx as fx
 

@@ -5,7 +5,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -140,15 +141,10 @@ class _Engine:
         return self.programs[key]
 
 
-_engines: "weakref.WeakKeyDictionary" = None  # model -> {options key: _Engine}
+_engines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {options key: _Engine}
 
 
 def _engine(model: torch.nn.Module, options: dict) -> _Engine:
-    import weakref
-
-    global _engines
-    if _engines is None:
-        _engines = weakref.WeakKeyDictionary()
     per_model = _engines.setdefault(model, {})
     key = repr(sorted(options.items()))
     if key not in per_model:
