@@ -173,3 +173,21 @@ def test_explain_plain_module_raises_after_backend_use():
     torch._dynamo.reset()
     with pytest.raises(TurbofxError):
         turbofx.explain(torch.nn.Linear(2, 2))
+
+
+def test_triton_imported_before_turbofx_on_cpu_says_what_to_do():
+    """Without a GPU the interpreter must be on before triton's first import: a clear error."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("GPU targets compile kernels; the interpreter is not involved")
+    code = ("import triton, turbofx, torch\n"
+            "try:\n    turbofx.compile(torch.nn.Softmax(-1), (torch.randn(3, 5),))\n"
+            "except turbofx.errors.CodegenError as e:\n    print('CodegenError', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "CodegenError" in r.stdout and "TRITON_INTERPRET=1" in r.stdout, (r.stdout, r.stderr[-2000:])

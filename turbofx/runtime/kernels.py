@@ -27,11 +27,12 @@ def _interpreter(on: bool):
 
 
 def _interpreter_ready() -> bool:
-    import triton.language as tl
+    """Triton's standard library (tl.sum, ...) is built for the interpreter only when
+    TRITON_INTERPRET was set before triton was first imported."""
+    from triton.language import standard
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(tl.standard.sum if hasattr(tl, "standard") else tl.sum, InterpretedFunction) or bool(
-        os.environ.get("TRITON_INTERPRET"))
+    return isinstance(standard.sum, InterpretedFunction)
 
 
 def load_kernel(path: Path, name: str, interpret: bool) -> Callable:
