@@ -81,11 +81,11 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL,
                 keep = keep & (mk != 0)
             else:
                 s = s + mk.to(tl.float32)
-        s = tl.where(keep, s, float("-inf"))
+        s = tl.where(keep, s * 1.4426950408889634, float("-inf"))  # log2 units: exp2 is one instruction
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        p = tl.exp(s - m_use[:, None])
-        alpha = tl.exp(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if UPCAST:
             acc = acc * alpha[:, None] + tl.dot(p, v)
@@ -98,7 +98,7 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL,
     if SPLIT:  # partial result and its log-sum-exp; the combine kernel weighs the chunks
         row = (bh * n_splits + split) * SQ + offs_m
         tl.store(PO + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=m_ok[:, None])
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         tl.store(PL + row, lse, mask=m_ok)
     else:
         tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
@@ -120,7 +120,7 @@ def tfx_attention_combine(PO, PL, O, sob, soh, som, sod, H, SQ, D, n_splits,
     lse = tl.load(PL + rows, mask=m_ok[:, None] & (offs_s[None, :] < n_splits), other=float("-inf"))
     top = tl.max(lse, 1)
     top = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp(lse - top[:, None])
+    w = tl.exp2(lse - top[:, None])  # lse in log2 units, as the forward kernel wrote it
     total = tl.sum(w, 1)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for sp in range(0, n_splits):
@@ -175,11 +175,11 @@ def tfx_attention_varlen(Q, K, V, O, ROW_LO, ROW_HI, TILES, sqt, sqh, sqd, skt, 
         else:
             s = tl.dot(q, k) * scale
         keep = m_ok[:, None] & (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
-        s = tl.where(keep, s, float("-inf"))
+        s = tl.where(keep, s * 1.4426950408889634, float("-inf"))  # log2 units: exp2 is one instruction
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_use[:, None])
-        alpha = tl.exp(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if UPCAST:
             acc = acc * alpha[:, None] + tl.dot(p, v)
