@@ -2,8 +2,9 @@
 
 The cache is HF's ``StaticCache`` registered as buffers of a small wrapper module, so capture sees
 its in-place updates as buffer mutations and the compiled programs write the cache in place.
-Prefill is compiled per prompt length, the decode step once (one token per sequence). Batches
-use left padding: pad slots stay in the cache but are masked out and positions skip them.
+Prefill is compiled per prompt-length bucket, the decode step once per batch bucket (one token
+per sequence). Batches use left padding: pad slots stay in the cache but are masked out and
+positions skip them.
 Works with transformers 5.17 (``past_key_values=``, ``cache_position=``) and 5.24+ (``cache=``).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 log = logging.getLogger("turbofx.generate")
+_CACHE_KEYS = ("key_cache_", "value_cache_", "cumulative_length_")  # StaticDecoder's buffer names
 
 
 class StaticDecoder(torch.nn.Module):
@@ -44,11 +46,10 @@ class StaticDecoder(torch.nn.Module):
         self.pass_cache_position = "cache_position" in params
 
     def reset(self) -> None:
-        for layer in self.cache.layers:
-            layer.keys.zero_()
-            layer.values.zero_()
-            if hasattr(layer, "cumulative_length"):
-                layer.cumulative_length.zero_()
+        """Empty the cache (through the buffers: after a capture the layers may hold traced ones)."""
+        for name, t in self.named_buffers(recurse=False):
+            if name.startswith(_CACHE_KEYS):
+                t.zero_()
 
     def forward(self, input_ids, cache_position, attention_mask, position_ids):
         # Point the cache at this module's buffers as seen now: under capture they are the traced
@@ -250,8 +251,6 @@ def prompt_inputs(ids: torch.Tensor, mask: torch.Tensor, cache_len: int) -> tupl
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, torch.arange(sp, device=ids.device), step_mask, positions
 
-
-_CACHE_KEYS = ("key_cache_", "value_cache_", "cumulative_length_")
 
 
 def export_generation(model: torch.nn.Module, example_ids: torch.Tensor, output_dir, max_cache_len: int = 256,
