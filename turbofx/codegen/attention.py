@@ -17,6 +17,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _online_softmax_step(s, keep, v, m_i, l_i, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # One KV tile: scores to log2 units (exp2 is one instruction), new running max, rescale the
+    # running sum and accumulator, add this tile's p @ v. A row with nothing visible keeps m = -inf.
+    s = tl.where(keep, s * 1.4426950408889634, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(p, v)
+    elif IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def tfx_attention_fwd(Q, K, V, M, O, PO, PL,
                       sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                       smb, smh, smm, smn, sob, soh, som, sod,
@@ -81,19 +100,7 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL,
                 keep = keep & (mk != 0)
             else:
                 s = s + mk.to(tl.float32)
-        s = tl.where(keep, s * 1.4426950408889634, float("-inf"))  # log2 units: exp2 is one instruction
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if UPCAST:
-            acc = acc * alpha[:, None] + tl.dot(p, v)
-        elif IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, keep, v, m_i, l_i, acc, UPCAST, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if SPLIT:  # partial result and its log-sum-exp; the combine kernel weighs the chunks
         row = (bh * n_splits + split) * SQ + offs_m
@@ -175,19 +182,7 @@ def tfx_attention_varlen(Q, K, V, O, ROW_LO, ROW_HI, TILES, sqt, sqh, sqd, skt, 
         else:
             s = tl.dot(q, k) * scale
         keep = m_ok[:, None] & (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
-        s = tl.where(keep, s * 1.4426950408889634, float("-inf"))  # log2 units: exp2 is one instruction
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if UPCAST:
-            acc = acc * alpha[:, None] + tl.dot(p, v)
-        elif IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, keep, v, m_i, l_i, acc, UPCAST, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + offs_m[:, None] * sot + h * soh + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
