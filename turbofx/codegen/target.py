@@ -60,9 +60,10 @@ class Target:
         return f"{self.backend} {self.arch}{extra}"
 
 
-def detect(device: torch.device | str | None = None) -> Target:
-    """The target for ``device`` (default: the first GPU, else the CPU interpreter)."""
-    forced = os.environ.get("TURBOFX_TARGET", "").strip().lower()
+def detect(device: torch.device | str | None = None, name: str | None = None) -> Target:
+    """The target for ``device`` (default: the first GPU, else the CPU interpreter); ``name``
+    (or ``TURBOFX_TARGET``: cuda | hip | cpu-interpret) forces the backend."""
+    forced = (name or os.environ.get("TURBOFX_TARGET", "")).strip().lower()
     dev = torch.device(device) if device is not None else None
     want_gpu = forced in ("cuda", "hip") or (not forced and (dev is None or dev.type == "cuda") and torch.cuda.is_available())
     if forced in ("cpu", "cpu-interpret", "interpret") or not want_gpu or (dev is not None and dev.type == "cpu"):

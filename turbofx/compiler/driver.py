@@ -10,7 +10,7 @@ import torch
 
 from turbofx.codegen import cache
 from turbofx.codegen.lower import KernelRecord, lower
-from turbofx.codegen.target import Target, detect
+from turbofx.codegen.target import detect
 from turbofx.compiler.capture import CapturedGraph, capture_module
 from turbofx.passes.attention import attention
 from turbofx.passes.canonicalize import canonicalize
@@ -64,14 +64,17 @@ class Report:
         return [k for k in self.kernels if k.kind != "extern"]
 
     @property
+    def steps(self) -> list[KernelRecord]:
+        """Kernels and extern calls that do work (views and tuple elements are free aliases)."""
+        return [k for k in self.kernels if not (k.kind == "extern" and k.reason.startswith(("view", "tuple")))]
+
+    @property
     def fallbacks(self) -> list[KernelRecord]:
-        return [k for k in self.kernels if k.kind == "extern" and not k.reason.startswith(("view", "tuple"))]
+        return [k for k in self.steps if k.kind == "extern"]
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for k in self.kernels:
-            if k.kind == "extern" and k.reason.startswith(("view", "tuple")):
-                continue
+        for k in self.steps:
             out[k.kind] = out.get(k.kind, 0) + 1
         return out
 
@@ -99,7 +102,7 @@ class Report:
 
 def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0):
     """Passes + lowering + kernel loading for a captured graph -> (Program, Report, Lowered)."""
-    target = detect(_device_of(captured)) if opts.target is None else _forced(opts.target)
+    target = detect(_device_of(captured), opts.target)
     report = Report(target=target.describe(), stage_seconds={"capture": capture_seconds})
     t0 = time.perf_counter()
     flat_example = None
@@ -137,18 +140,6 @@ def _device_of(c: CapturedGraph) -> torch.device | None:
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
             return t.device
     return None
-
-
-def _forced(name: str) -> Target:
-    old = os.environ.get("TURBOFX_TARGET")
-    os.environ["TURBOFX_TARGET"] = name
-    try:
-        return detect()
-    finally:
-        if old is None:
-            os.environ.pop("TURBOFX_TARGET")
-        else:
-            os.environ["TURBOFX_TARGET"] = old
 
 
 def _dump_kernels(opts: Options, sources: dict[str, str]) -> None:
