@@ -20,11 +20,14 @@ def test_greedy_equals_hf_eager(name):
         ref = model.generate(ids, max_new_tokens=6, do_sample=False)
     out = turbofx.generate(model, ids, 6)
     assert torch.equal(out.sequences, ref), (out.sequences, ref)
-    decode = out.reports["decode"].kernels
-    assert any(k.kind == "attention" for k in decode)  # over the KV cache
-    # the cache is updated in place: no functional copy of the whole cache per layer per step
     layers = model.config.num_hidden_layers
-    assert sum("in place" in k.reason for k in decode) == 2 * layers, [k.label for k in decode if "index" in k.label]
+    for kind in ("prefill", "decode"):
+        steps = out.reports[kind].kernels
+        # each layer's rope, cache write and attention are one kernel, updating the cache in place
+        # (no functional copy of the whole cache per layer per step, no index_put or rope launches)
+        fused = [k for k in steps if k.label == "attention+rope+cache write" and "in place" in k.reason]
+        assert len(fused) == layers, [(k.label, k.reason) for k in steps if k.kind == "attention"]
+        assert not any("index_put" in k.label for k in steps)
     assert out.steps == 6
 
 

@@ -26,6 +26,7 @@ from turbofx.runtime import ops as _ops  # noqa: F401  (torch.ops.turbofx.*)
 aten = torch.ops.aten
 ATTENTION = torch.ops.turbofx.attention.default
 VARLEN = torch.ops.turbofx.varlen_attention.default
+CACHED = torch.ops.turbofx.cached_attention.default
 _INPLACE = {aten.index_put.default: aten.index_put_.default, aten.index_copy.default: aten.index_copy_.default}
 
 
@@ -92,18 +93,45 @@ def _descendants(v: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def _overwritten(w: fx.Node) -> list[fx.Node]:
+    """The inputs an in-place step overwrites."""
+    return [w.args[3], w.args[4]] if w.target is CACHED else [w.args[0]]
+
+
 def _reinplaceable(g: fx.Graph, write_backs: dict[fx.Node, fx.Node], region_of: dict) -> set[fx.Node]:
-    """Functional cache updates ``v = index_put(p, ...)`` whose result is written back into ``p``
-    anyway: run them in place on ``p`` (no copy of the whole cache, no write-back copy). Safe when
-    no reader of the old ``p`` depends on ``v`` (those readers are ordered before ``v``)."""
-    out = set()
+    """Functional cache updates whose results are written back into the caches anyway: run them
+    in place (no copy of the whole cache, no write-back copy). ``v = index_put(p, ...)`` written
+    back into ``p``; ``cached_attention(..., Kc, Vc, ...)`` whose updated caches (results 1 and 2)
+    are written back into ``Kc`` and ``Vc``. Safe when no other reader of an old cache depends on
+    the update (those readers are ordered before it)."""
+    updates: dict[fx.Node, list[tuple[fx.Node, fx.Node]]] = {}  # writer -> [(updated value, cache)]
     for v, p in write_backs.items():
-        if v.target not in _INPLACE or v.args[0] is not p or v in region_of or p.op != "placeholder":
+        if v.target in _INPLACE and v not in region_of:
+            updates.setdefault(v, []).append((v, p))
+        elif v.target is operator.getitem and v.args[0].target is CACHED and v.args[1] in (1, 2):
+            updates.setdefault(v.args[0], []).append((v, p))
+    out = set()
+    for w, pairs in updates.items():
+        caches = _overwritten(w)
+        if sorted(id(p) for _, p in pairs) != sorted(id(c) for c in caches):
+            continue  # only part of the update is written back
+        if any(p.op != "placeholder" for p in caches) or len(set(caches)) != len(caches):
             continue
-        later = _descendants(v)
-        if not any(u in later for u in p.users if u is not v and not _writes_arg0(u)):
-            out.add(v)
+        if w.target is CACHED and any(p is not w.args[3 + (v.args[1] - 1)] for v, p in pairs):
+            continue
+        later = _descendants(w)
+        if not any(u in later for p in caches for u in p.users if u is not w and not _writes_arg0(u)):
+            out.add(w)
     return out
+
+
+def _attention_args(n: fx.Node) -> tuple:
+    """(q, k, v, mask, scale, causal, window, softcap) of an attention node; for a cached one, k
+    and v are the caches (updated by the step before its attention reads them)."""
+    if n.target is CACHED:
+        q, _, _, k_cache, v_cache, _, _, _, *rest = n.args
+        return (q, k_cache, v_cache, *rest[:5])
+    return tuple(n.args)
 
 
 def _write_backs(g: fx.Graph, output: fx.Node, mutated_outputs: dict[int, fx.Node]) -> dict[fx.Node, fx.Node]:
@@ -158,7 +186,7 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
                 dag.add_edge(d, k)
     for w in writes:  # a write comes after every other reader of the tensor it overwrites
         after = _descendants(w)
-        for reader in w.args[0].users:
+        for reader in (r for t in _overwritten(w) for r in t.users):
             r = id(region_of.get(reader, reader))
             if reader is not w and reader not in after and r in units and r != id(w):
                 dag.add_edge(r, id(w))
@@ -231,26 +259,49 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
             for s_ in ins:
                 uses.setdefault(s_, []).append(i)
             records.append(KernelRecord(spec.name, spec.kind, spec.label, [m.name for m in u.nodes]))
-        elif u.target is ATTENTION:
+        elif u.target in (ATTENTION, CACHED):
             n = u
-            q, k, v, mask, scale, causal, window, softcap = n.args
+            q, k, v, mask, scale, causal, window, softcap = _attention_args(n)
             sources[attention_template.NAME] = attention_template.SOURCE
             sources[attention_template.COMBINE] = attention_template.SOURCE
-            ov = n.meta["val"]
-            steps.append({
+            ov = n.meta["val"][0] if u.target is CACHED else n.meta["val"]
+            step = {
                 "type": "attention", "kernel": attention_template.NAME, "combine": attention_template.COMBINE,
                 "q": slot[q], "k": slot[k], "v": slot[v],
                 "mask": slot[mask] if mask is not None else None, "out": slot[n],
-                "shape": [ix.pyexpr(e) for e in ix.shape_of(n)], "stride": [ix.pyexpr(e) for e in ix.strides_of(n)],
+                "shape": [ix.pyexpr(ix.to_expr(e)) for e in ov.shape],
+                "stride": [ix.pyexpr(ix.to_expr(e)) for e in ov.stride()],
                 "scale": scale, "causal": causal, "window": window, "softcap": softcap,
                 "blocks": attention_template.blocks(target, int(val_int(ov.shape[-1])), ov.element_size()),
-                "node": n.name})
+                "node": n.name}
+            reads = [q, k, v, mask]
+            storage_root[slot[n]] = slot[n]
+            if u.target is CACHED:
+                q_raw, k_new, v_new, k_cache, v_cache, pos, cos, sin = n.args[:8]
+                sources[attention_template.KV_WRITE] = attention_template.SOURCE
+                step["cache"] = {
+                    "k_new": slot[k_new], "v_new": slot[v_new], "positions": slot[pos],
+                    "cos": slot[cos] if cos is not None else None, "sin": slot[sin] if sin is not None else None,
+                    "rope_q": n.args[13], "rope_k": n.args[14], "inplace": n in inplace,
+                    "kv_write": attention_template.KV_WRITE}
+                reads += [k_new, v_new, pos, cos, sin]
+                if n in inplace:  # the step's value holds the caches themselves
+                    roots = {storage_root[slot[k_cache]], storage_root[slot[v_cache]]}
+                    for r in roots:
+                        storage_root[r] = min(roots)
+                    storage_root[slot[n]] = min(roots)
+            steps.append(step)
             defined_at[slot[n]] = i
-            for a in (q, k, v, mask):
+            for a in reads:
                 if a is not None:
                     uses.setdefault(slot[a], []).append(i)
-            storage_root[slot[n]] = slot[n]
-            records.append(KernelRecord(attention_template.NAME, "attention", "attention", [n.name]))
+            if u.target is ATTENTION:
+                records.append(KernelRecord(attention_template.NAME, "attention", "attention", [n.name]))
+            else:
+                rope = "+rope" if n.args[13] or n.args[14] else ""
+                where = "in place" if n in inplace else "into copies (the graph reads the old caches too)"
+                records.append(KernelRecord(attention_template.NAME, "attention", f"attention{rope}+cache write",
+                                            [n.name], f"new K/V rows written into the caches {where}"))
         elif u.target is VARLEN:
             n = u
             q, k, v, cu, scale, causal = n.args

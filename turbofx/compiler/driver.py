@@ -13,6 +13,7 @@ from turbofx.codegen.lower import KernelRecord, lower
 from turbofx.codegen.target import detect
 from turbofx.compiler.capture import CapturedGraph, capture_module
 from turbofx.passes.attention import attention
+from turbofx.passes.attention_prologue import attention_prologue
 from turbofx.passes.canonicalize import canonicalize
 from turbofx.passes.fusion import fuse
 from turbofx.passes.manager import PassContext, PassManager, PassRecord
@@ -113,7 +114,7 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0):
             flat_example = _graph_example_inputs(captured)
     ctx = PassContext(example_inputs=flat_example)
     log.info("passes over %d graph nodes", len(captured.gm.graph.nodes))
-    passes = [canonicalize, attention, fuse] if opts.attention else [canonicalize, fuse]
+    passes = [canonicalize, attention, attention_prologue, fuse] if opts.attention else [canonicalize, fuse]
     pm = PassManager(passes, verify=opts.verify, dump_dir=opts.dump_dir)
     report.passes = pm.run(captured.gm, ctx)
     t1 = time.perf_counter()

@@ -5,7 +5,9 @@ softmax(scale * q kᵀ [softcapped] + mask) v over ``q [B, H, Sq, D]``, ``k, v [
 (H a multiple of Hkv: grouped-query attention without materialising repeated heads), an
 optional mask broadcastable to ``[B, H, Sq, Sk]`` (bool: True keeps; float: added), causal
 (query i sees keys ≤ i + Sk − Sq) and a sliding ``window`` (0: none). A fully masked row gives
-zeros, never NaN. The reference runs when no kernel is generated (and in tests).
+zeros, never NaN. ``cached_attention`` is the same with the step's prologue folded in: RoPE
+on the new queries/keys and the write of the new K/V rows into a static cache. The references run
+when no kernel is generated (and in tests).
 """
 from __future__ import annotations
 
@@ -55,6 +57,44 @@ def allowed(sq: int, sk: int, causal: bool, window: int, device) -> torch.Tensor
     if window > 0:
         keep = keep & (j > i - window)
     return keep
+
+
+@torch.library.custom_op("turbofx::cached_attention", mutates_args=())
+def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor | None,
+                     sin: torch.Tensor | None, mask: torch.Tensor | None, scale: float, causal: bool, window: int,
+                     softcap: float, rope_q: bool, rope_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoder step's attention with its prologue: RoPE on the new queries and keys (when
+    ``rope_q``/``rope_k``; ``cos``/``sin`` broadcast to ``[B, 1, S_new, D]``), the new keys and
+    values written into the caches at ``positions`` (dim 2), then ``attention`` over the updated
+    caches. Functional: returns (out, updated k cache, updated v cache); the runtime updates the
+    caches in place when the graph writes them back anyway."""
+    return cached_attention_reference(q, k_new, v_new, k_cache, v_cache, positions, cos, sin, mask, scale, causal,
+                                      window, softcap, rope_q, rope_k)
+
+
+@cached_attention.register_fake
+def _(q, k_new, v_new, k_cache, v_cache, positions, cos, sin, mask, scale, causal, window, softcap, rope_q, rope_k):
+    return q.new_empty(q.shape[:-1] + (v_cache.shape[-1],)), torch.empty_like(k_cache), torch.empty_like(v_cache)
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the half-split form: x·cos + rotate_half(x)·sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def cached_attention_reference(q, k_new, v_new, k_cache, v_cache, positions, cos, sin, mask, scale, causal, window,
+                               softcap, rope_q, rope_k, compute_dtype=torch.float32):
+    if rope_q:
+        q = rope_reference(q, cos, sin)
+    if rope_k:
+        k_new = rope_reference(k_new, cos, sin)
+    k_cache = k_cache.index_copy(2, positions, k_new.to(k_cache.dtype))
+    v_cache = v_cache.index_copy(2, positions, v_new.to(v_cache.dtype))
+    out = attention_reference(q, k_cache, v_cache, mask, scale, causal, window, softcap, compute_dtype)
+    return out, k_cache, v_cache
 
 
 @torch.library.custom_op("turbofx::varlen_attention", mutates_args=())

@@ -151,7 +151,8 @@ class Program:
             if s["type"] == "varlen_attention":
                 self.steps.append(self._varlen_runner(s, kernels[s["kernel"]]))
             elif s["type"] == "attention":
-                self.steps.append(self._attention_runner(s, kernels[s["kernel"]], kernels[s["combine"]]))
+                self.steps.append(self._attention_runner(s, kernels[s["kernel"]], kernels[s["combine"]],
+                                                         kernels.get(s.get("cache", {}).get("kv_write"))))
             elif s["type"] == "kernel":
                 ks = KernelStep(**{k: v for k, v in s.items() if k != "type"})
                 ks.allocs = [Alloc(**a) for a in s["allocs"]]
@@ -194,10 +195,13 @@ class Program:
         return run
 
     @staticmethod
-    def _attention_runner(s: dict, fn, combine):
+    def _attention_runner(s: dict, fn, combine, kv_write=None):
         """Streaming attention: grid (query tiles, batch × heads, key splits); strides read at run
         time. Few query tiles on a large cache split the keys (flash-decoding) and a second kernel
-        combines the chunks by their log-sum-exp."""
+        combines the chunks by their log-sum-exp. With a fused cache write (``s["cache"]``) the new
+        rows are rotated and stored by the attention kernel's prologue when there is one query
+        tile (decode), by one write kernel before it otherwise (prefill); the step's value is then
+        (out, k cache, v cache), updated in place when the graph writes the caches back."""
         shape = [_compile_expr(e) for e in s["shape"]]
         stride = [_compile_expr(e) for e in s["stride"]]
         blocks = dict(s["blocks"])
@@ -206,12 +210,12 @@ class Program:
         interpret = blocks.pop("interpret")
         flags = dict(CAUSAL=bool(s["causal"]), WINDOW=s["window"] > 0, SOFTCAP=s["softcap"] > 0)
         qi, ki, vi, mi, oi = s["q"], s["k"], s["v"], s["mask"], s["out"]
+        cache = s.get("cache")
 
         def run(values: list, env: dict) -> None:
             q, k, v = values[qi], values[ki], values[vi]
             out = torch.empty_strided([_eval(c, env) for c in shape], [_eval(c, env) for c in stride],
                                       dtype=q.dtype, device=q.device)
-            values[oi] = out
             b, h, sq, d = q.shape
             sk = k.shape[2]
             mask = values[mi] if mi is not None else None
@@ -219,6 +223,24 @@ class Program:
             m_strides = m.stride() if mask is not None else (0, 0, 0, 0)
             block_m = min(blocks["BLOCK_M"], max(16, _pow2(sq)))
             q_tiles = -(-sq // block_m)
+            if cache is not None:
+                if not cache["inplace"]:  # the graph still reads the old caches: update copies
+                    k, v = k.clone(), v.clone()
+                new = _new_rows(values, cache, b, sq, d)
+                prologue = q_tiles == 1
+                if not prologue:
+                    kn, vn, pos, c, sn = new["tensors"]
+                    kv_write[(-(-sq // blocks["BLOCK_N"]), b * k.shape[1])](
+                        k, v, kn, vn, pos, c, sn, *k.stride(), *v.stride(), *kn.stride(), *vn.stride(),
+                        *new["cos_strides"], k.shape[1], sq, sk, d, ROPE_K=cache["rope_k"],
+                        BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"], num_warps=num_warps)
+                values[oi] = (out, k, v)
+                extra = new["tensors"] + new["strides"]
+                cache_flags = dict(ROPE_Q=cache["rope_q"], ROPE_K=cache["rope_k"], WRITE_KV=prologue)
+            else:
+                values[oi] = out
+                extra = (q,) * 5 + (0,) * 11
+                cache_flags = dict(ROPE_Q=False, ROPE_K=False, WRITE_KV=False)
             splits = attention_splits(sm_count, b * h * q_tiles, sk, blocks["BLOCK_N"], interpret=interpret)
             split_len = -(-sk // splits)
             split_len = -(-split_len // blocks["BLOCK_N"]) * blocks["BLOCK_N"]  # whole key tiles
@@ -230,11 +252,11 @@ class Program:
                 po = pl = q
             kw = dict(blocks, BLOCK_M=block_m)
             fn[(q_tiles, b * h, splits)](
-                q, k, v, m, out, po, pl, *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
-                h, h // k.shape[1], sq, sk, d, float(s["scale"]), float(s["softcap"]), int(s["window"]),
-                split_len, splits, HAS_MASK=mask is not None,
+                q, k, v, m, out, po, pl, *extra[:5], *q.stride(), *k.stride(), *v.stride(), *m_strides,
+                *out.stride(), *extra[5:], h, h // k.shape[1], sq, sk, d, sq, float(s["scale"]),
+                float(s["softcap"]), int(s["window"]), split_len, splits, HAS_MASK=mask is not None,
                 MASK_BOOL=mask is not None and mask.dtype == torch.bool, SPLIT=splits > 1,
-                num_warps=num_warps, **flags, **kw)
+                num_warps=num_warps, **flags, **cache_flags, **kw)
             if splits > 1:
                 combine[(q_tiles, b * h)](po, pl, out, *out.stride(), h, sq, d, splits, BLOCK_M=block_m,
                                           BLOCK_D=blocks["BLOCK_D"], BLOCK_S=_pow2(splits), num_warps=num_warps)
@@ -311,6 +333,25 @@ class Program:
             for v in frees[i]:
                 values[v] = None
         return [_resolve(o, values, env) for o in self.outputs]
+
+
+def _new_rows(values: list, cache: dict, b: int, s_new: int, d: int) -> dict:
+    """A fused cache write's new K/V rows, positions and RoPE tables as kernel arguments: cos and
+    sin viewed as [B, S_new, D] with one set of strides (copied when theirs differ)."""
+    kn, vn = values[cache["k_new"]], values[cache["v_new"]]
+    pos = values[cache["positions"]]
+    pos = pos if pos.stride(0) == 1 else pos.contiguous()
+    if cache["cos"] is None:
+        c = sn = kn
+        cos_strides = (0, 0, 0)
+    else:
+        c = values[cache["cos"]].expand(b, 1, s_new, d)[:, 0]
+        sn = values[cache["sin"]].expand(b, 1, s_new, d)[:, 0]
+        if c.stride() != sn.stride():
+            c, sn = c.contiguous(), sn.contiguous()
+        cos_strides = c.stride()
+    return {"tensors": (kn, vn, pos, c, sn), "cos_strides": cos_strides,
+            "strides": (*kn.stride(), *vn.stride(), *cos_strides)}
 
 
 def attention_splits(sm_count: int, programs: int, sk: int, block_n: int, interpret: bool = False) -> int:
