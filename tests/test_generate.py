@@ -113,3 +113,25 @@ def _programs(model):
     from turbofx.compiler import generation
 
     return [k for engine in generation._engines[model].values() for k in engine.programs]
+
+
+@pytest.mark.parametrize("window", [8, 4096])
+def test_sliding_window_layers_past_the_window_equal_eager(window):
+    """gemma2 alternates sliding-window and global layers (a prompt of 5 and 6 new tokens cross a
+    window of 8). HF's static sliding layers count
+    their length in a Python int that a captured program would freeze; turbofx keeps those layers
+    full-length and lets the model's window mask limit attention, so decoding past the window
+    still equals eager generation."""
+    from transformers import AutoModelForCausalLM
+
+    from turbofx.compiler.models import TINY_CONFIGS
+
+    config = TINY_CONFIGS["gemma2"]()
+    config.sliding_window = window
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = _ids(1, 5)
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+    out = turbofx.generate(model, ids, 6)
+    assert torch.equal(out.sequences, ref), (out.sequences, ref)

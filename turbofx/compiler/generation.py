@@ -32,6 +32,7 @@ class StaticDecoder(torch.nn.Module):
         self.model = model
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
+        _full_length_layers(self.cache, max_cache_len)
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         device = next(model.parameters()).device
@@ -66,6 +67,19 @@ class StaticDecoder(torch.nn.Module):
             kwargs["cache_position"] = cache_position
         out = self.model(input_ids=input_ids, **kwargs)
         return out.logits[:, -1, :].clone()  # a view of an intermediate would not export
+
+
+def _full_length_layers(cache, max_cache_len: int) -> None:
+    """Replace sliding-window cache layers by full-length ones. A sliding layer tracks its length in
+    a Python int, which a captured program freezes at its trace-time value (wrong positions and
+    masks from the second decode step on), and rolls its keys once full. A full-length layer keeps
+    every position and the model's sliding-window mask still limits what each query sees: same
+    results, a longer cache for those layers."""
+    from transformers.cache_utils import StaticLayer
+
+    for i, layer in enumerate(cache.layers):
+        if getattr(layer, "is_sliding", False):
+            cache.layers[i] = StaticLayer(max_cache_len=max_cache_len)
 
 
 @dataclass
