@@ -25,16 +25,23 @@ class CachedStep(torch.nn.Module):
     """One attention step over a static KV cache held in buffers (stale rows are random, so a row
     the kernel forgot to write shows up)."""
 
-    def __init__(self, b=2, h=4, hkv=2, cache_len=96, d=16, rope=True, write_back=True, same_positions=True):
+    def __init__(self, b=2, h=4, hkv=2, cache_len=96, d=16, rope=True, write_back=True, same_positions=True,
+                 rotary_dims=None):
         super().__init__()
         g = torch.Generator().manual_seed(1)
         self.register_buffer("k_cache", torch.randn(b, hkv, cache_len, d, generator=g))
         self.register_buffer("v_cache", torch.randn(b, hkv, cache_len, d, generator=g))
         self.groups = h // hkv
         self.rope, self.write_back, self.same_positions = rope, write_back, same_positions
+        self.rotary_dims = rotary_dims
 
     def forward(self, q, k, v, positions, cos, sin, mask):
-        if self.rope:
+        if self.rope and self.rotary_dims:  # partial rotary, as phi3 / gpt-neox write it
+            r = self.rotary_dims
+            cos, sin = cos[..., :r].unsqueeze(1), sin[..., :r].unsqueeze(1)
+            q = torch.cat([q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]], dim=-1)
+            k = torch.cat([k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]], dim=-1)
+        elif self.rope:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
@@ -113,6 +120,14 @@ def test_prefill_over_several_query_tiles_writes_the_cache_once(monkeypatch):
     cm, got, ref, torch_out = _run(step, args, torch.float16)
     _assert_flash_rule(got, ref, torch_out)
     assert len(_fused(cm)) == 1
+
+
+def test_partial_rotary():
+    step = CachedStep(rotary_dims=8)
+    args = _inputs(2, 4, 2, 16, [40, 41], 96, torch.float16)
+    cm, got, ref, torch_out = _run(step, args, torch.float16)
+    _assert_flash_rule(got, ref, torch_out)
+    assert [k.label for k in _fused(cm)] == ["attention+rope+cache write"]
 
 
 def test_scattered_positions_and_no_rope():

@@ -38,40 +38,42 @@ def _online_softmax_step(s, keep, v, m_i, l_i, acc, UPCAST: tl.constexpr, IEEE: 
 
 
 @triton.jit
-def _rows(X, rows, row_ok, sr, sd, C, S, scr, scd, offs_d, D, ROPE: tl.constexpr):
-    # Rows of X (base at its batch and head); with ROPE, rotated on the way in (half-split form,
-    # x·cos + rotate_half(x)·sin, cos/sin rows per position), rounded to X's dtype like the model.
+def _rows(X, rows, row_ok, sr, sd, C, S, scr, scd, offs_d, D, RD, ROPE: tl.constexpr):
+    # Rows of X (base at its batch and head); with ROPE, the first RD dims rotated on the way in
+    # (half-split form, x·cos + rotate_half(x)·sin, cos/sin rows per position; dims past RD pass
+    # through), rounded to X's dtype like the model.
     ok = row_ok[:, None] & (offs_d < D)[None, :]
     x = tl.load(X + rows[:, None] * sr + offs_d[None, :] * sd, mask=ok, other=0.0)
     if ROPE:
-        half = D // 2
+        half = RD // 2
+        rot = ok & (offs_d < RD)[None, :]
         turned = tl.where(offs_d < half, offs_d + half, offs_d - half)
-        xr = tl.load(X + rows[:, None] * sr + turned[None, :] * sd, mask=ok, other=0.0).to(tl.float32)
+        xr = tl.load(X + rows[:, None] * sr + turned[None, :] * sd, mask=rot, other=0.0).to(tl.float32)
         xr = tl.where((offs_d < half)[None, :], -xr, xr)
-        c = tl.load(C + rows[:, None] * scr + offs_d[None, :] * scd, mask=ok, other=0.0).to(tl.float32)
-        s = tl.load(S + rows[:, None] * scr + offs_d[None, :] * scd, mask=ok, other=0.0).to(tl.float32)
+        c = tl.load(C + rows[:, None] * scr + offs_d[None, :] * scd, mask=rot, other=1.0).to(tl.float32)
+        s = tl.load(S + rows[:, None] * scr + offs_d[None, :] * scd, mask=rot, other=0.0).to(tl.float32)
         x = (x.to(tl.float32) * c + xr * s).to(x.dtype)
     return x
 
 
 @triton.jit
 def _write_new_kv(K, V, KN, VN, POS, C, S, j0, lo, hi, skn, skd, svn, svd, sknn, sknd, svnn, svnd, scr, scd,
-                  S_NEW, D, ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                  S_NEW, D, RD, ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # New rows j0 .. j0 + BLOCK_N of K/V (K rotated) stored at their cache positions, those in [lo, hi).
     offs_j = j0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     pos = tl.load(POS + offs_j, mask=offs_j < S_NEW, other=-1).to(tl.int64)
     ok = (offs_j < S_NEW) & (pos >= lo) & (pos < hi)
     store_ok = ok[:, None] & (offs_d < D)[None, :]
-    kn = _rows(KN, offs_j, ok, sknn, sknd, C, S, scr, scd, offs_d, D, ROPE_K)
+    kn = _rows(KN, offs_j, ok, sknn, sknd, C, S, scr, scd, offs_d, D, RD, ROPE_K)
     tl.store(K + pos[:, None] * skn + offs_d[None, :] * skd, kn.to(K.dtype.element_ty), mask=store_ok)
-    vn = _rows(VN, offs_j, ok, svnn, svnd, C, S, scr, scd, offs_d, D, False)
+    vn = _rows(VN, offs_j, ok, svnn, svnd, C, S, scr, scd, offs_d, D, RD, False)
     tl.store(V + pos[:, None] * svn + offs_d[None, :] * svd, vn.to(V.dtype.element_ty), mask=store_ok)
 
 
 @triton.jit
 def tfx_kv_write(K, V, KN, VN, POS, C, S, skb, skh, skn, skd, svb, svh, svn, svd,
-                 sknb, sknh, sknn, sknd, svnb, svnh, svnn, svnd, scb, scr, scd, HKV, S_NEW, SK, D,
+                 sknb, sknh, sknn, sknd, svnb, svnh, svnn, svnd, scb, scr, scd, HKV, S_NEW, SK, D, RD,
                  ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # The cache write on its own (prefill: many query tiles would each repeat it in their prologue).
     bh = tl.program_id(1).to(tl.int64)
@@ -79,7 +81,7 @@ def tfx_kv_write(K, V, KN, VN, POS, C, S, skb, skh, skn, skd, svb, svh, svn, svd
     hk = bh % HKV
     _write_new_kv(K + b * skb + hk * skh, V + b * svb + hk * svh, KN + b * sknb + hk * sknh, VN + b * svnb + hk * svnh,
                   POS, C + b * scb, S + b * scb, tl.program_id(0) * BLOCK_N, 0, SK, skn, skd, svn, svd,
-                  sknn, sknd, svnn, svnd, scr, scd, S_NEW, D, ROPE_K, BLOCK_N, BLOCK_D)
+                  sknn, sknd, svnn, svnd, scr, scd, S_NEW, D, RD, ROPE_K, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -87,7 +89,7 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL, KN, VN, POS, C, S,
                       sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                       smb, smh, smm, smn, sob, soh, som, sod,
                       sknb, sknh, sknn, sknd, svnb, svnh, svnn, svnd, scb, scr, scd,
-                      H, GROUPS, SQ, SK, D, S_NEW, scale, softcap, window, split_len, n_splits,
+                      H, GROUPS, SQ, SK, D, S_NEW, RD, scale, softcap, window, split_len, n_splits,
                       HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
                       WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
                       IEEE: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, WRITE_KV: tl.constexpr,
@@ -103,7 +105,7 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL, KN, VN, POS, C, S,
     offs_n0 = tl.arange(0, BLOCK_N)
     m_ok = offs_m < SQ
     d_ok = offs_d < D
-    q = _rows(Q + b * sqb + h * sqh, offs_m, m_ok, sqm, sqd, C + b * scb, S + b * scb, scr, scd, offs_d, D, ROPE_Q)
+    q = _rows(Q + b * sqb + h * sqh, offs_m, m_ok, sqm, sqd, C + b * scb, S + b * scb, scr, scd, offs_d, D, RD, ROPE_Q)
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -125,7 +127,7 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL, KN, VN, POS, C, S,
         for j0 in range(0, S_NEW, BLOCK_N):
             _write_new_kv(K + b * skb + hk * skh, V + b * svb + hk * svh, KN + b * sknb + hk * sknh,
                           VN + b * svnb + hk * svnh, POS, C + b * scb, S + b * scb, j0, lo, hi, skn, skd, svn, svd,
-                          sknn, sknd, svnn, svnd, scr, scd, S_NEW, D, ROPE_K, BLOCK_N, BLOCK_D)
+                          sknn, sknd, svnn, svnd, scr, scd, S_NEW, D, RD, ROPE_K, BLOCK_N, BLOCK_D)
         tl.debug_barrier()
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0

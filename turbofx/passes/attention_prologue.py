@@ -91,6 +91,24 @@ def _per_position(t: fx.Node, x: fx.Node) -> bool:
 
 
 def _rope(y: fx.Node):
+    """(x, cos, sin) when y is x rotated over its first cos.shape[-1] dims: x·cos + rotate_half(x)·sin,
+    or, partial rotary, cat(that over x[..., :r], x[..., r:])."""
+    if y.target is aten.cat.default and len(y.args[0]) == 2 and val(y) is not None \
+            and (y.args[1] if len(y.args) > 1 else 0) % val(y).dim() == val(y).dim() - 1:
+        turned, rest = y.args[0]
+        found = _full_rope(turned)
+        if found is None:
+            return None
+        x_rot, cos, sin = found
+        r = val(x_rot).shape[-1]
+        x = _half(rest, r, False)
+        if x is None or not (x_rot is x or _half(x_rot, r, True) is x):
+            return None
+        return x, cos, sin
+    return _full_rope(y)
+
+
+def _full_rope(y: fx.Node):
     """(x, cos, sin) when y = x·cos + rotate_half(x)·sin."""
     if y.target is not aten.add.Tensor or not all(isinstance(a, fx.Node) for a in y.args[:2]):
         return None

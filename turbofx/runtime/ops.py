@@ -79,10 +79,12 @@ def _(q, k_new, v_new, k_cache, v_cache, positions, cos, sin, mask, scale, causa
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the half-split form: x·cos + rotate_half(x)·sin."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotary embedding in the half-split form, x·cos + rotate_half(x)·sin, over the first
+    ``cos.shape[-1]`` dims (partial rotary: the rest pass through)."""
+    rd = cos.shape[-1]
+    xr, rest = x[..., :rd], x[..., rd:]
+    rotated = torch.cat((-xr[..., rd // 2:], xr[..., :rd // 2]), dim=-1)
+    return torch.cat(((xr * cos + rotated * sin).to(x.dtype), rest), dim=-1)
 
 
 def cached_attention_reference(q, k_new, v_new, k_cache, v_cache, positions, cos, sin, mask, scale, causal, window,

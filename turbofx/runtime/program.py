@@ -232,14 +232,16 @@ class Program:
                     kn, vn, pos, c, sn = new["tensors"]
                     kv_write[(-(-sq // blocks["BLOCK_N"]), b * k.shape[1])](
                         k, v, kn, vn, pos, c, sn, *k.stride(), *v.stride(), *kn.stride(), *vn.stride(),
-                        *new["cos_strides"], k.shape[1], sq, sk, d, ROPE_K=cache["rope_k"],
+                        *new["cos_strides"], k.shape[1], sq, sk, d, new["rope_dims"], ROPE_K=cache["rope_k"],
                         BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"], num_warps=num_warps)
                 values[oi] = (out, k, v)
                 extra = new["tensors"] + new["strides"]
+                rope_dims = new["rope_dims"]
                 cache_flags = dict(ROPE_Q=cache["rope_q"], ROPE_K=cache["rope_k"], WRITE_KV=prologue)
             else:
                 values[oi] = out
                 extra = (q,) * 5 + (0,) * 11
+                rope_dims = 0
                 cache_flags = dict(ROPE_Q=False, ROPE_K=False, WRITE_KV=False)
             splits = attention_splits(sm_count, b * h * q_tiles, sk, blocks["BLOCK_N"], interpret=interpret)
             split_len = -(-sk // splits)
@@ -253,7 +255,7 @@ class Program:
             kw = dict(blocks, BLOCK_M=block_m)
             fn[(q_tiles, b * h, splits)](
                 q, k, v, m, out, po, pl, *extra[:5], *q.stride(), *k.stride(), *v.stride(), *m_strides,
-                *out.stride(), *extra[5:], h, h // k.shape[1], sq, sk, d, sq, float(s["scale"]),
+                *out.stride(), *extra[5:], h, h // k.shape[1], sq, sk, d, sq, rope_dims, float(s["scale"]),
                 float(s["softcap"]), int(s["window"]), split_len, splits, HAS_MASK=mask is not None,
                 MASK_BOOL=mask is not None and mask.dtype == torch.bool, SPLIT=splits > 1,
                 num_warps=num_warps, **flags, **cache_flags, **kw)
@@ -337,20 +339,20 @@ class Program:
 
 def _new_rows(values: list, cache: dict, b: int, s_new: int, d: int) -> dict:
     """A fused cache write's new K/V rows, positions and RoPE tables as kernel arguments: cos and
-    sin viewed as [B, S_new, D] with one set of strides (copied when theirs differ)."""
+    sin viewed as [B, S_new, rotary dims] with one set of strides (copied when theirs differ)."""
     kn, vn = values[cache["k_new"]], values[cache["v_new"]]
     pos = values[cache["positions"]]
     pos = pos if pos.stride(0) == 1 else pos.contiguous()
     if cache["cos"] is None:
         c = sn = kn
-        cos_strides = (0, 0, 0)
+        cos_strides, rope_dims = (0, 0, 0), 0
     else:
-        c = values[cache["cos"]].expand(b, 1, s_new, d)[:, 0]
-        sn = values[cache["sin"]].expand(b, 1, s_new, d)[:, 0]
+        c = values[cache["cos"]].expand(b, 1, s_new, -1)[:, 0]
+        sn = values[cache["sin"]].expand(b, 1, s_new, -1)[:, 0]
         if c.stride() != sn.stride():
             c, sn = c.contiguous(), sn.contiguous()
-        cos_strides = c.stride()
-    return {"tensors": (kn, vn, pos, c, sn), "cos_strides": cos_strides,
+        cos_strides, rope_dims = c.stride(), c.shape[-1]
+    return {"tensors": (kn, vn, pos, c, sn), "cos_strides": cos_strides, "rope_dims": rope_dims,
             "strides": (*kn.stride(), *vn.stride(), *cos_strides)}
 
 
