@@ -63,6 +63,14 @@ def test_sliding_window_and_softcap():
     _check(*_qkv(1, 2, 2, 20, 20, 16, torch.float32) , softcap=5.0)
 
 
+@pytest.mark.parametrize("sq, sk, causal, window", [(200, 200, True, 70), (150, 200, True, 0), (3, 150, False, 0),
+                                                  (130, 130, False, 100)])
+def test_band_edges_over_many_tiles(sq, sk, causal, window):
+    # several 64-key tiles: some fully inside the visible band (no masks computed), some on its
+    # edges (the causal diagonal, the window's lower edge, the end of the keys)
+    _check(*_qkv(1, 1, 1, sq, sk, 16, torch.float16), causal=causal, window=window)
+
+
 def test_bool_padding_mask_and_additive_bias():
     q, k, v = _qkv(2, 2, 2, 9, 9, 16, torch.float32)
     pad = torch.ones(2, 1, 1, 9, dtype=torch.bool)

@@ -19,10 +19,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _online_softmax_step(s, keep, v, m_i, l_i, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _online_softmax_step(s, keep, v, m_i, l_i, acc, MASKED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     # One KV tile: scores to log2 units (exp2 is one instruction), new running max, rescale the
     # running sum and accumulator, add this tile's p @ v. A row with nothing visible keeps m = -inf.
-    s = tl.where(keep, s * 1.4426950408889634, float("-inf"))
+    if MASKED:
+        s = tl.where(keep, s * 1.4426950408889634, float("-inf"))
+    else:
+        s = s * 1.4426950408889634
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_use[:, None])
@@ -35,6 +38,51 @@ def _online_softmax_step(s, keep, v, m_i, l_i, acc, UPCAST: tl.constexpr, IEEE: 
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _kv_tiles(q, m_i, l_i, acc, K, V, M, lo, hi, offs_m, m_ok, offs_d, d_ok, skn, skd, svn, svd, smm, smn,
+              SK, shift, scale, softcap, window, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
+              MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+              UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Key tiles [lo, hi) of one (batch, KV head) (K, V, M at their bases). MASKED=False: the caller
+    # knows every key is visible to every row, so no bounds, causal or window masks are computed.
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < SK
+        if MASKED:
+            k = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            k = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
+            v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:  # fp32 inputs: full precision, not TF32
+            s = tl.dot(q, k, input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, k) * scale
+        if SOFTCAP:
+            s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
+        if MASKED:
+            keep = m_ok[:, None] & n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
+            if WINDOW:
+                keep = keep & (offs_n[None, :] > offs_m[:, None] + shift - window)
+            if HAS_MASK:
+                mk = tl.load(M + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=m_ok[:, None] & n_ok[None, :],
+                             other=0)
+                if MASK_BOOL:
+                    keep = keep & (mk != 0)
+                else:
+                    s = s + mk.to(tl.float32)
+        else:
+            keep = m_ok[:, None]  # unused
+        m_i, l_i, acc = _online_softmax_step(s, keep, v, m_i, l_i, acc, MASKED, UPCAST, IEEE)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -102,7 +150,6 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL, KN, VN, POS, C, S,
     hk = h // GROUPS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
     m_ok = offs_m < SQ
     d_ok = offs_d < D
     q = _rows(Q + b * sqb + h * sqh, offs_m, m_ok, sqm, sqd, C + b * scb, S + b * scb, scr, scd, offs_d, D, RD, ROPE_Q)
@@ -129,35 +176,31 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL, KN, VN, POS, C, S,
                           VN + b * svnb + hk * svnh, POS, C + b * scb, S + b * scb, j0, lo, hi, skn, skd, svn, svd,
                           sknn, sknd, svnn, svnd, scr, scd, S_NEW, D, RD, ROPE_K, BLOCK_N, BLOCK_D)
         tl.debug_barrier()
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < SK
-        k = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE:  # fp32 inputs: full precision, not TF32
-            s = tl.dot(q, k, input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, k) * scale
-        if SOFTCAP:
-            s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
-        keep = m_ok[:, None] & n_ok[None, :]
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
-        if WINDOW:
-            keep = keep & (offs_n[None, :] > offs_m[:, None] + shift - window)
-        if HAS_MASK:
-            mk = tl.load(M + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn,
-                         mask=m_ok[:, None] & n_ok[None, :], other=0)
-            if MASK_BOOL:
-                keep = keep & (mk != 0)
-            else:
-                s = s + mk.to(tl.float32)
-        m_i, l_i, acc = _online_softmax_step(s, keep, v, m_i, l_i, acc, UPCAST, IEEE)
+    # Only the tiles at the edges of the visible band need masks: [lo, full_lo) meets the window's
+    # lower edge, [full_hi, hi) the causal diagonal or the end of the keys; every key in between is
+    # visible to every row of this query tile. An explicit mask tensor is read on every tile.
+    full_lo = lo
+    full_hi = lo
+    if not HAS_MASK:
+        if WINDOW:  # the first key the last row of the tile still sees
+            full_lo = tl.minimum(lo + tl.cdiv(tl.maximum((pid_m + 1) * BLOCK_M + shift - window - lo, 0), BLOCK_N)
+                                 * BLOCK_N, hi)
+        visible = tl.minimum(hi, SK)
+        if CAUSAL:  # the last key the first row of the tile sees
+            visible = tl.minimum(visible, pid_m * BLOCK_M + shift + 1)
+        full_hi = tl.maximum(full_lo, full_lo + (visible - full_lo) // BLOCK_N * BLOCK_N)
+    K = K + b * skb + hk * skh
+    V = V + b * svb + hk * svh
+    M = M + b * smb + h * smh
+    m_i, l_i, acc = _kv_tiles(q, m_i, l_i, acc, K, V, M, lo, full_lo, offs_m, m_ok, offs_d, d_ok, skn, skd, svn, svd,
+                              smm, smn, SK, shift, scale, softcap, window, True, HAS_MASK, MASK_BOOL, CAUSAL, WINDOW,
+                              SOFTCAP, UPCAST, IEEE, BLOCK_N)
+    m_i, l_i, acc = _kv_tiles(q, m_i, l_i, acc, K, V, M, full_lo, full_hi, offs_m, m_ok, offs_d, d_ok, skn, skd, svn,
+                              svd, smm, smn, SK, shift, scale, softcap, window, False, HAS_MASK, MASK_BOOL, CAUSAL,
+                              WINDOW, SOFTCAP, UPCAST, IEEE, BLOCK_N)
+    m_i, l_i, acc = _kv_tiles(q, m_i, l_i, acc, K, V, M, full_hi, hi, offs_m, m_ok, offs_d, d_ok, skn, skd, svn, svd,
+                              smm, smn, SK, shift, scale, softcap, window, True, HAS_MASK, MASK_BOOL, CAUSAL, WINDOW,
+                              SOFTCAP, UPCAST, IEEE, BLOCK_N)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if SPLIT:  # partial result and its log-sum-exp; the combine kernel weighs the chunks
         row = (bh * n_splits + split) * SQ + offs_m
@@ -239,7 +282,7 @@ def tfx_attention_varlen(Q, K, V, O, ROW_LO, ROW_HI, TILES, sqt, sqh, sqd, skt, 
         else:
             s = tl.dot(q, k) * scale
         keep = m_ok[:, None] & (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
-        m_i, l_i, acc = _online_softmax_step(s, keep, v, m_i, l_i, acc, UPCAST, IEEE)
+        m_i, l_i, acc = _online_softmax_step(s, keep, v, m_i, l_i, acc, True, UPCAST, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + offs_m[:, None] * sot + h * soh + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
