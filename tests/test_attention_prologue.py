@@ -156,3 +156,16 @@ def test_different_positions_for_k_and_v_are_refused_with_a_reason():
     rec = next(p for p in turbofx.explain(cm).passes if p.name == "attention_prologue")
     assert not rec.matched
     assert any("different positions" in why for _, why in rec.refused), rec.refused
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("positions", [[1000], list(range(300))], ids=["decode", "prefill"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cached_attention_on_gpu(positions, dtype):
+    """Real Triton compilation: the decode prologue (write, barrier, read) and the prefill write
+    kernel, llama-sized heads (D 128, GQA 4) over a 2048-slot cache."""
+    step = CachedStep(b=2, h=8, hkv=2, cache_len=2048, d=128).cuda()
+    args = [a.cuda() for a in _inputs(2, 8, 2, 128, positions, 2048, dtype)]
+    cm, got, ref, torch_out = _run(step, args, dtype)
+    _assert_flash_rule(got, ref, torch_out)
+    assert [k.label for k in _fused(cm)] == ["attention+rope+cache write"]
