@@ -105,6 +105,24 @@ def test_pass_finds_attention_in_models(name):
         assert all("kv groups 2" in m for m in rec.matched), rec.matched
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_torch_compile_door_keeps_sdpa_whole(name):
+    """AOTAutograd decomposes SDPA (math form on CPU, a flash/efficient kernel picked at trace time
+    on GPUs); the backend routes it through turbofx::sdpa so the attention pass still sees it."""
+    torch._dynamo.reset()
+    model = make_tiny_model(name)
+    args, kwargs = example_inputs(name, batch=2, seq=8)
+    compiled = torch.compile(model, backend="turbofx")
+    with torch.no_grad():
+        ref, out = model(*args, **kwargs), compiled(*args, **kwargs)
+    key = "last_hidden_state" if name == "bert" else "logits"
+    torch.testing.assert_close(out[key], ref[key], rtol=1e-3, atol=1e-3)
+    report = turbofx.explain(compiled)
+    assert sum(k.kind == "attention" for k in report.kernels) == model.config.num_hidden_layers
+    assert not any("sdpa" in k.label or "scaled_dot_product" in k.label for k in report.kernels)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "gemma2"])
 def test_pass_finds_decomposed_attention(name):
     """matmul -> scale -> [softcap] -> mask add -> softmax -> matmul, as eager attention writes it."""

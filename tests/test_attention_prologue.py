@@ -169,3 +169,18 @@ def test_cached_attention_on_gpu(positions, dtype):
     cm, got, ref, torch_out = _run(step, args, dtype)
     _assert_flash_rule(got, ref, torch_out)
     assert [k.label for k in _fused(cm)] == ["attention+rope+cache write"]
+
+
+def test_disabling_the_pass_keeps_rope_and_cache_updates_apart():
+    step = CachedStep()
+    args = _inputs(2, 4, 2, 16, [40], 96, torch.float32)
+    m = copy.deepcopy(step)
+    cm = turbofx.compile(m, args, disable="attention_prologue")
+    report = turbofx.explain(cm)
+    assert [k.label for k in report.kernels if k.kind == "attention"] == ["attention"]
+    assert sum("index_put" in k.label for k in report.kernels) == 2
+    fused = copy.deepcopy(step)
+    torch.testing.assert_close(cm(*args), turbofx.compile(fused, args)(*args), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.k_cache, fused.k_cache, rtol=1e-6, atol=1e-6)
+    with pytest.raises(turbofx.TurbofxError, match="unknown pass"):
+        turbofx.compile(step, args, disable=["attention_prolog"])

@@ -26,5 +26,8 @@ def test_hf_generate_compile_config_equals_eager(name):
                              compile_config=config)
     assert torch.equal(out, ref), (out, ref)
     assert backend.stats["graphs"] > before["graphs"]  # the backend compiled the decode step
+    # SDPA stayed whole through AOTAutograd; rope and the cache write fold into it, in place
+    attention = [k for r in backend.reports_of(model) for k in r.kernels if k.kind == "attention"]
+    assert attention and all(k.label == "attention+rope+cache write" and "in place" in k.reason for k in attention)
     assert backend.stats["calls"] >= before["calls"] + 3  # and ran it for the new tokens
     torch._dynamo.reset()

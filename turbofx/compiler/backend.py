@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 
 log = logging.getLogger("turbofx.backend")
 
@@ -17,14 +18,15 @@ _reports: list = []
 def reports_of(compiled) -> list:
     """Reports of the graphs compiled through the torch.compile door for ``compiled`` (an
     OptimizedModule or the module it wraps): matched by the parameter/buffer tensors the graphs
-    took as inputs."""
+    took as inputs (by identity, through weak references: a freed model's memory reused by a new
+    one must not lend it the old reports)."""
     import torch
 
     module = getattr(compiled, "_orig_mod", compiled)
     if not isinstance(module, torch.nn.Module):
         return []
-    ptrs = {t.data_ptr() for t in list(module.parameters()) + list(module.buffers())}
-    return [r for r in _reports if r.input_ptrs & ptrs]
+    mine = {id(t) for t in list(module.parameters()) + list(module.buffers())}
+    return [r for r in _reports if any(id(t) in mine for t in (ref() for ref in r.inputs) if t is not None)]
 
 
 def _is_static(t) -> bool:
@@ -45,14 +47,14 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
 
-    from turbofx.compiler.capture import capture_aot_graph, decomposition_table
+    from turbofx.compiler.capture import capture_aot_graph, decomposition_table, keep_attention_whole
     from turbofx.compiler.driver import Options, build
+    from turbofx.passes.attention import attention
 
     import torch
 
     opts = Options.make(mode=mode, **dict(options or {}), **kwargs)
-    input_ptrs = frozenset(t.data_ptr() for t in example_inputs
-                           if isinstance(t, torch.Tensor) and t.device.type != "meta")
+    input_refs = [weakref.ref(t) for t in example_inputs if isinstance(t, torch.Tensor)]
     static = [_is_static(t) for t in example_inputs]
     graphs = opts.cudagraphs if opts.cudagraphs is not None else mode == "reduce-overhead"
 
@@ -60,7 +62,7 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
         t0 = time.perf_counter()
         captured = capture_aot_graph(fx_graph, inputs)
         program, report, _, target = build(captured, opts, time.perf_counter() - t0)
-        report.input_ptrs = input_ptrs
+        report.inputs = input_refs
         _reports.append(report)
         stats["graphs"] += 1
         step = program
@@ -79,5 +81,7 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
 
         return make_boxed_func(run)
 
+    if attention in opts.passes():
+        keep_attention_whole(gm)
     return aot_autograd(fw_compiler=forward_compiler, decompositions=decomposition_table(),
                         keep_inference_input_mutations=True)(gm, example_inputs)

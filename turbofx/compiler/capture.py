@@ -159,6 +159,39 @@ def _path_name(path, params: list[str]) -> str:
     return f"{name}{rest}"
 
 
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def keep_attention_whole(gm: fx.GraphModule) -> int:
+    """Dynamo graph: route ``scaled_dot_product_attention`` calls through ``turbofx::sdpa`` so that
+    AOTAutograd keeps them whole (it decomposes SDPA otherwise). Calls whose flags are not plain
+    constants are left alone. Returns how many were rewritten."""
+    import torch.nn.functional as F
+
+    import turbofx.runtime.ops  # noqa: F401  (registers torch.ops.turbofx.sdpa)
+
+    targets = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+    count = 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in targets:
+            continue
+        a = dict(_SDPA_DEFAULTS, **dict(zip(_SDPA_ARGS, n.args)), **n.kwargs)
+        if set(a) != set(_SDPA_ARGS) or not all(
+                isinstance(a[k], t) for k, t in (("dropout_p", (int, float)), ("is_causal", bool), ("enable_gqa", bool))) \
+                or not (a["scale"] is None or isinstance(a["scale"], (int, float))):
+            continue
+        n.target = torch.ops.turbofx.sdpa.default
+        n.args = tuple(a[k] for k in _SDPA_ARGS[:4]) + (float(a["dropout_p"]), a["is_causal"],
+                                                         None if a["scale"] is None else float(a["scale"]),
+                                                         a["enable_gqa"])
+        n.kwargs = {}
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
 def capture_aot_graph(gm: fx.GraphModule, example_inputs: list) -> CapturedGraph:
     """An AOTAutograd inference graph: every placeholder is a (flat) user input."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

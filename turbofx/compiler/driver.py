@@ -16,7 +16,7 @@ from turbofx.passes.attention import attention
 from turbofx.passes.attention_prologue import attention_prologue
 from turbofx.passes.canonicalize import canonicalize
 from turbofx.passes.fusion import fuse
-from turbofx.passes.manager import PassContext, PassManager, PassRecord
+from turbofx.passes.manager import PassContext, PassManager, PassRecord, pass_name
 from turbofx.runtime.module import CompiledModule
 from turbofx.runtime.program import Program
 
@@ -24,6 +24,9 @@ log = logging.getLogger("turbofx.compiler")
 if os.environ.get("TURBOFX_LOG"):
     logging.basicConfig()
     logging.getLogger("turbofx").setLevel(os.environ["TURBOFX_LOG"].upper())
+
+
+PASSES = [canonicalize, attention, attention_prologue, fuse]  # in order
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Options:
     mode: str | None = None  # accepted from torch.compile / HF generate; recorded
     cudagraphs: bool | None = None  # replay through CUDA/HIP graphs; None: on for GPU targets
     attention: bool = True  # recognise attention and generate streaming kernels for it
+    disable: tuple = ()  # pass names to skip (e.g. "attention_prologue"), to isolate a pass's effect
 
     @classmethod
     def make(cls, **kw) -> "Options":
@@ -46,7 +50,18 @@ class Options:
             from turbofx.errors import TurbofxError
 
             raise TurbofxError(f"unknown turbofx option(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**kw)
+        opts = cls(**kw)
+        opts.disable = (opts.disable,) if isinstance(opts.disable, str) else tuple(opts.disable)
+        names = [pass_name(p) for p in PASSES]
+        if set(opts.disable) - set(names):
+            from turbofx.errors import TurbofxError
+
+            raise TurbofxError(f"disable={list(opts.disable)}: unknown pass name(s); the passes are {names}")
+        return opts
+
+    def passes(self) -> list:
+        off = set(self.disable) | ({"attention", "attention_prologue"} if not self.attention else set())
+        return [p for p in PASSES if pass_name(p) not in off]
 
 
 @dataclass
@@ -58,7 +73,7 @@ class Report:
     passes: list[PassRecord] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     runtime_notes: list[str] = field(default_factory=list)  # e.g. graph captures and why not
-    input_ptrs: frozenset = frozenset()  # torch.compile door: tensors the graph took, to find its module
+    inputs: list = field(default_factory=list)  # torch.compile door: weakrefs to the tensors the graph took
 
     @property
     def generated(self) -> list[KernelRecord]:
@@ -114,8 +129,7 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0):
             flat_example = _graph_example_inputs(captured)
     ctx = PassContext(example_inputs=flat_example)
     log.info("passes over %d graph nodes", len(captured.gm.graph.nodes))
-    passes = [canonicalize, attention, attention_prologue, fuse] if opts.attention else [canonicalize, fuse]
-    pm = PassManager(passes, verify=opts.verify, dump_dir=opts.dump_dir)
+    pm = PassManager(opts.passes(), verify=opts.verify, dump_dir=opts.dump_dir)
     report.passes = pm.run(captured.gm, ctx)
     t1 = time.perf_counter()
     refusals = {name: why for rec in report.passes for name, why in rec.refused}

@@ -149,7 +149,7 @@ def attention(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
                 continue
             _replace(g, n, q, k, v, mask, scale, False, softcap, rec, "matmul-softmax-matmul")
             continue
-        if n.target is not aten.scaled_dot_product_attention.default:
+        if n.target not in (aten.scaled_dot_product_attention.default, torch.ops.turbofx.sdpa.default):
             continue
         names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
         a = dict(zip(names, n.args))

@@ -168,3 +168,6 @@ def _check_acyclic(g: fx.Graph, region_of: dict) -> None:
                 dag.add_edge(v, u)
     if not nx.is_directed_acyclic_graph(dag):
         raise AssertionError("fusion created a cycle between kernels (turbofx bug)")
+
+
+fuse.pass_name = "fusion"

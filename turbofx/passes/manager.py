@@ -44,6 +44,11 @@ class PassContext:
 Pass = Callable[[fx.GraphModule, PassContext], PassRecord]
 
 
+def pass_name(p: Pass) -> str:
+    """The name a pass goes by in reports and in ``Options.disable``."""
+    return getattr(p, "pass_name", p.__name__)
+
+
 def lint(gm: fx.GraphModule, name: str) -> None:
     gm.graph.lint()
     for n in gm.graph.nodes:
@@ -79,7 +84,7 @@ class PassManager:
         records = []
         self._dump(gm, 0, "captured")
         for i, p in enumerate(self.passes, 1):
-            name = getattr(p, "pass_name", p.__name__)
+            name = pass_name(p)
             reference = _run_graph(gm, ctx.example_inputs) if self.verify and ctx.example_inputs else None
             t0 = time.perf_counter()
             rec = p(gm, ctx)

@@ -59,6 +59,21 @@ def allowed(sq: int, sk: int, causal: bool, window: int, device) -> torch.Tensor
     return keep
 
 
+@torch.library.custom_op("turbofx::sdpa", mutates_args=())
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float,
+         is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
+    """``scaled_dot_product_attention`` as one opaque op. AOTAutograd would otherwise decompose it
+    (math form, or a device-specific flash/efficient kernel chosen at trace time); the torch.compile
+    door wraps it so the attention pass sees it whole, as the export door does."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+@sdpa.register_fake
+def _(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
 @torch.library.custom_op("turbofx::cached_attention", mutates_args=())
 def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor | None,
