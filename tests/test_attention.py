@@ -152,6 +152,19 @@ def test_split_kv_results_do_not_depend_on_splits(monkeypatch, splits):
     torch.testing.assert_close(out, single, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("splits", ["1", "3"])
+def test_packed_query_heads_read_their_own_mask_rows(monkeypatch, splits):
+    """Decode-like GQA shapes pack a KV head's query heads into one program: each packed row must
+    use its own head's bias row and query position."""
+    monkeypatch.setenv("TURBOFX_ATTENTION_SPLITS", splits)
+    q, k, v = _qkv(2, 6, 2, 2, 150, 16, torch.float32)  # 3 query heads per KV head, 2 queries each
+    bias = torch.randn(2, 6, 2, 150, generator=torch.Generator().manual_seed(3))
+    _check(q, k, v, bias, causal=True)
+    pad = torch.ones(2, 1, 1, 150, dtype=torch.bool)
+    pad[1, ..., :20] = False  # left padding on the second sequence
+    _check(q, k, v, pad, window=90)
+
+
 def test_split_kv_with_masked_chunks(monkeypatch):
     """A chunk whose keys are all masked contributes nothing (its log-sum-exp is -inf)."""
     monkeypatch.setenv("TURBOFX_ATTENTION_SPLITS", "4")

@@ -41,12 +41,13 @@ def _online_softmax_step(s, keep, v, m_i, l_i, acc, MASKED: tl.constexpr, UPCAST
 
 
 @triton.jit
-def _kv_tiles(q, m_i, l_i, acc, K, V, M, lo, hi, offs_m, m_ok, offs_d, d_ok, skn, skd, svn, svd, smm, smn,
+def _kv_tiles(q, m_i, l_i, acc, K, V, M, lo, hi, qpos, mrow, m_ok, offs_d, d_ok, skn, skd, svn, svd, smn,
               SK, shift, scale, softcap, window, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
               MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
               UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Key tiles [lo, hi) of one (batch, KV head) (K, V, M at their bases). MASKED=False: the caller
-    # knows every key is visible to every row, so no bounds, causal or window masks are computed.
+    # Key tiles [lo, hi) of one (batch, KV head) (K, V, M at their bases; row i is query qpos[i], its
+    # mask row at M + mrow[i]). MASKED=False: the caller knows every key is visible to every row, so
+    # no bounds, causal or window masks are computed.
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -69,12 +70,11 @@ def _kv_tiles(q, m_i, l_i, acc, K, V, M, lo, hi, offs_m, m_ok, offs_d, d_ok, skn
         if MASKED:
             keep = m_ok[:, None] & n_ok[None, :]
             if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
+                keep = keep & (offs_n[None, :] <= qpos[:, None] + shift)
             if WINDOW:
-                keep = keep & (offs_n[None, :] > offs_m[:, None] + shift - window)
+                keep = keep & (offs_n[None, :] > qpos[:, None] + shift - window)
             if HAS_MASK:
-                mk = tl.load(M + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=m_ok[:, None] & n_ok[None, :],
-                             other=0)
+                mk = tl.load(M + mrow[:, None] + offs_n[None, :] * smn, mask=m_ok[:, None] & n_ok[None, :], other=0)
                 if MASK_BOOL:
                     keep = keep & (mk != 0)
                 else:
@@ -86,20 +86,20 @@ def _kv_tiles(q, m_i, l_i, acc, K, V, M, lo, hi, offs_m, m_ok, offs_d, d_ok, skn
 
 
 @triton.jit
-def _rows(X, rows, row_ok, sr, sd, C, S, scr, scd, offs_d, D, RD, ROPE: tl.constexpr):
-    # Rows of X (base at its batch and head); with ROPE, the first RD dims rotated on the way in
-    # (half-split form, x·cos + rotate_half(x)·sin, cos/sin rows per position; dims past RD pass
-    # through), rounded to X's dtype like the model.
+def _rows(X, row_off, pos, row_ok, sd, C, S, scr, scd, offs_d, D, RD, ROPE: tl.constexpr):
+    # Rows of X (row i at X + row_off[i]); with ROPE, the first RD dims rotated on the way in
+    # (half-split form, x·cos + rotate_half(x)·sin with the cos/sin rows of positions pos; dims
+    # past RD pass through), rounded to X's dtype like the model.
     ok = row_ok[:, None] & (offs_d < D)[None, :]
-    x = tl.load(X + rows[:, None] * sr + offs_d[None, :] * sd, mask=ok, other=0.0)
+    x = tl.load(X + row_off[:, None] + offs_d[None, :] * sd, mask=ok, other=0.0)
     if ROPE:
         half = RD // 2
         rot = ok & (offs_d < RD)[None, :]
         turned = tl.where(offs_d < half, offs_d + half, offs_d - half)
-        xr = tl.load(X + rows[:, None] * sr + turned[None, :] * sd, mask=rot, other=0.0).to(tl.float32)
+        xr = tl.load(X + row_off[:, None] + turned[None, :] * sd, mask=rot, other=0.0).to(tl.float32)
         xr = tl.where((offs_d < half)[None, :], -xr, xr)
-        c = tl.load(C + rows[:, None] * scr + offs_d[None, :] * scd, mask=rot, other=1.0).to(tl.float32)
-        s = tl.load(S + rows[:, None] * scr + offs_d[None, :] * scd, mask=rot, other=0.0).to(tl.float32)
+        c = tl.load(C + pos[:, None] * scr + offs_d[None, :] * scd, mask=rot, other=1.0).to(tl.float32)
+        s = tl.load(S + pos[:, None] * scr + offs_d[None, :] * scd, mask=rot, other=0.0).to(tl.float32)
         x = (x.to(tl.float32) * c + xr * s).to(x.dtype)
     return x
 
@@ -113,9 +113,9 @@ def _write_new_kv(K, V, KN, VN, POS, C, S, j0, lo, hi, skn, skd, svn, svd, sknn,
     pos = tl.load(POS + offs_j, mask=offs_j < S_NEW, other=-1).to(tl.int64)
     ok = (offs_j < S_NEW) & (pos >= lo) & (pos < hi)
     store_ok = ok[:, None] & (offs_d < D)[None, :]
-    kn = _rows(KN, offs_j, ok, sknn, sknd, C, S, scr, scd, offs_d, D, RD, ROPE_K)
+    kn = _rows(KN, offs_j * sknn, offs_j, ok, sknd, C, S, scr, scd, offs_d, D, RD, ROPE_K)
     tl.store(K + pos[:, None] * skn + offs_d[None, :] * skd, kn.to(K.dtype.element_ty), mask=store_ok)
-    vn = _rows(VN, offs_j, ok, svnn, svnd, C, S, scr, scd, offs_d, D, RD, False)
+    vn = _rows(VN, offs_j * svnn, offs_j, ok, svnd, C, S, scr, scd, offs_d, D, RD, False)
     tl.store(V + pos[:, None] * svn + offs_d[None, :] * svd, vn.to(V.dtype.element_ty), mask=store_ok)
 
 
@@ -137,34 +137,42 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL, KN, VN, POS, C, S,
                       sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                       smb, smh, smm, smn, sob, soh, som, sod,
                       sknb, sknh, sknn, sknd, svnb, svnh, svnn, svnd, scb, scr, scd,
-                      H, GROUPS, SQ, SK, D, S_NEW, RD, scale, softcap, window, split_len, n_splits,
+                      H, GROUPS, G, SQ, SK, D, S_NEW, RD, scale, softcap, window, split_len, n_splits,
                       HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
                       WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
                       IEEE: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, WRITE_KV: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # A program owns G query heads of one KV head (G = GROUPS: decode-like shapes pack the whole
+    # group, so K/V tiles are read once per KV head, not once per query head; else G = 1). Its
+    # rows run over those G heads × SQ queries, head-major; BLOCK_M of them per program.
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: caches can pass 2**31 elements
+    bg = tl.program_id(1).to(tl.int64)  # 64-bit offsets: caches can pass 2**31 elements
     split = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUPS
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = bg // (H // G)
+    h0 = (bg % (H // G)) * G
+    hk = h0 // GROUPS
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < SQ
+    m_ok = rows < G * SQ
+    qpos = rows % SQ  # each row's query index and head
+    h = h0 + rows // SQ
     d_ok = offs_d < D
-    q = _rows(Q + b * sqb + h * sqh, offs_m, m_ok, sqm, sqd, C + b * scb, S + b * scb, scr, scd, offs_d, D, RD, ROPE_Q)
+    q = _rows(Q + b * sqb, h * sqh + qpos * sqm, qpos, m_ok, sqd, C + b * scb, S + b * scb, scr, scd, offs_d, D, RD,
+              ROPE_Q)
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    shift = SK - SQ  # query row i sits at key position i + shift
+    shift = SK - SQ  # query i sits at key position i + shift
+    q_first = tl.min(tl.where(m_ok, qpos, SQ), 0)
+    q_last = tl.max(tl.where(m_ok, qpos, 0), 0)
     hi = SK
     if CAUSAL:
-        hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M + shift)
+        hi = tl.minimum(SK, q_last + 1 + shift)
     lo = 0
     if WINDOW:
-        lo = tl.maximum(0, pid_m * BLOCK_M + shift - window + 1)
+        lo = tl.maximum(0, q_first + shift - window + 1)
         lo = (lo // BLOCK_N) * BLOCK_N
     if SPLIT:  # flash-decoding: this program covers one chunk of the keys
         lo = tl.maximum(lo, split * split_len)
@@ -182,33 +190,33 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL, KN, VN, POS, C, S,
     full_lo = lo
     full_hi = lo
     if not HAS_MASK:
-        if WINDOW:  # the first key the last row of the tile still sees
-            full_lo = tl.minimum(lo + tl.cdiv(tl.maximum((pid_m + 1) * BLOCK_M + shift - window - lo, 0), BLOCK_N)
-                                 * BLOCK_N, hi)
+        if WINDOW:  # the first key the last query of the tile still sees
+            full_lo = tl.minimum(lo + tl.cdiv(tl.maximum(q_last + shift - window + 1 - lo, 0), BLOCK_N) * BLOCK_N, hi)
         visible = tl.minimum(hi, SK)
-        if CAUSAL:  # the last key the first row of the tile sees
-            visible = tl.minimum(visible, pid_m * BLOCK_M + shift + 1)
+        if CAUSAL:  # the last key the first query of the tile sees
+            visible = tl.minimum(visible, q_first + shift + 1)
         full_hi = tl.maximum(full_lo, full_lo + (visible - full_lo) // BLOCK_N * BLOCK_N)
     K = K + b * skb + hk * skh
     V = V + b * svb + hk * svh
-    M = M + b * smb + h * smh
-    m_i, l_i, acc = _kv_tiles(q, m_i, l_i, acc, K, V, M, lo, full_lo, offs_m, m_ok, offs_d, d_ok, skn, skd, svn, svd,
-                              smm, smn, SK, shift, scale, softcap, window, True, HAS_MASK, MASK_BOOL, CAUSAL, WINDOW,
+    M = M + b * smb
+    mrow = h * smh + qpos * smm
+    m_i, l_i, acc = _kv_tiles(q, m_i, l_i, acc, K, V, M, lo, full_lo, qpos, mrow, m_ok, offs_d, d_ok, skn, skd, svn, svd,
+                              smn, SK, shift, scale, softcap, window, True, HAS_MASK, MASK_BOOL, CAUSAL, WINDOW,
                               SOFTCAP, UPCAST, IEEE, BLOCK_N)
-    m_i, l_i, acc = _kv_tiles(q, m_i, l_i, acc, K, V, M, full_lo, full_hi, offs_m, m_ok, offs_d, d_ok, skn, skd, svn,
-                              svd, smm, smn, SK, shift, scale, softcap, window, False, HAS_MASK, MASK_BOOL, CAUSAL,
+    m_i, l_i, acc = _kv_tiles(q, m_i, l_i, acc, K, V, M, full_lo, full_hi, qpos, mrow, m_ok, offs_d, d_ok, skn, skd, svn,
+                              svd, smn, SK, shift, scale, softcap, window, False, HAS_MASK, MASK_BOOL, CAUSAL,
                               WINDOW, SOFTCAP, UPCAST, IEEE, BLOCK_N)
-    m_i, l_i, acc = _kv_tiles(q, m_i, l_i, acc, K, V, M, full_hi, hi, offs_m, m_ok, offs_d, d_ok, skn, skd, svn, svd,
-                              smm, smn, SK, shift, scale, softcap, window, True, HAS_MASK, MASK_BOOL, CAUSAL, WINDOW,
+    m_i, l_i, acc = _kv_tiles(q, m_i, l_i, acc, K, V, M, full_hi, hi, qpos, mrow, m_ok, offs_d, d_ok, skn, skd, svn, svd,
+                              smn, SK, shift, scale, softcap, window, True, HAS_MASK, MASK_BOOL, CAUSAL, WINDOW,
                               SOFTCAP, UPCAST, IEEE, BLOCK_N)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if SPLIT:  # partial result and its log-sum-exp; the combine kernel weighs the chunks
-        row = (bh * n_splits + split) * SQ + offs_m
+        row = ((b * H + h) * n_splits + split) * SQ + qpos
         tl.store(PO + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=m_ok[:, None])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         tl.store(PL + row, lse, mask=m_ok)
     else:
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+        tl.store(O + b * sob + (h * soh + qpos * som)[:, None] + offs_d[None, :] * sod,
                  out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 

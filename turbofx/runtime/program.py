@@ -221,8 +221,12 @@ class Program:
             mask = values[mi] if mi is not None else None
             m = mask.expand(b, h, sq, sk) if mask is not None else q
             m_strides = m.stride() if mask is not None else (0, 0, 0, 0)
-            block_m = min(blocks["BLOCK_M"], max(16, _pow2(sq)))
-            q_tiles = -(-sq // block_m)
+            groups = h // k.shape[1]
+            # few queries per KV head (decode): one program takes the whole group of query heads,
+            # so each K/V tile is read once per KV head
+            g = groups if groups > 1 and sq * groups <= blocks["BLOCK_M"] else 1
+            block_m = min(blocks["BLOCK_M"], max(16, _pow2(g * sq)))
+            q_tiles = -(-(g * sq) // block_m)
             if cache is not None:
                 if not cache["inplace"]:  # the graph still reads the old caches: update copies
                     k, v = k.clone(), v.clone()
@@ -243,7 +247,7 @@ class Program:
                 extra = (q,) * 5 + (0,) * 11
                 rope_dims = 0
                 cache_flags = dict(ROPE_Q=False, ROPE_K=False, WRITE_KV=False)
-            splits = attention_splits(sm_count, b * h * q_tiles, sk, blocks["BLOCK_N"], interpret=interpret)
+            splits = attention_splits(sm_count, b * (h // g) * q_tiles, sk, blocks["BLOCK_N"], interpret=interpret)
             split_len = -(-sk // splits)
             split_len = -(-split_len // blocks["BLOCK_N"]) * blocks["BLOCK_N"]  # whole key tiles
             splits = -(-sk // split_len)
@@ -253,14 +257,15 @@ class Program:
             else:
                 po = pl = q
             kw = dict(blocks, BLOCK_M=block_m)
-            fn[(q_tiles, b * h, splits)](
+            fn[(q_tiles, b * (h // g), splits)](
                 q, k, v, m, out, po, pl, *extra[:5], *q.stride(), *k.stride(), *v.stride(), *m_strides,
-                *out.stride(), *extra[5:], h, h // k.shape[1], sq, sk, d, sq, rope_dims, float(s["scale"]),
+                *out.stride(), *extra[5:], h, groups, g, sq, sk, d, sq, rope_dims, float(s["scale"]),
                 float(s["softcap"]), int(s["window"]), split_len, splits, HAS_MASK=mask is not None,
                 MASK_BOOL=mask is not None and mask.dtype == torch.bool, SPLIT=splits > 1,
                 num_warps=num_warps, **flags, **cache_flags, **kw)
             if splits > 1:
-                combine[(q_tiles, b * h)](po, pl, out, *out.stride(), h, sq, d, splits, BLOCK_M=block_m,
+                combine_m = min(blocks["BLOCK_M"], max(16, _pow2(sq)))
+                combine[(-(-sq // combine_m), b * h)](po, pl, out, *out.stride(), h, sq, d, splits, BLOCK_M=combine_m,
                                           BLOCK_D=blocks["BLOCK_D"], BLOCK_S=_pow2(splits), num_warps=num_warps)
 
         run.step = s
