@@ -165,6 +165,21 @@ def test_packed_query_heads_read_their_own_mask_rows(monkeypatch, splits):
     _check(q, k, v, pad, window=90)
 
 
+@pytest.mark.parametrize("splits", ["1", "3"])
+def test_mask_extent_bounds_the_key_loop(monkeypatch, splits):
+    """A static cache masks its unwritten slots: the kernel reads only the keys some row can see.
+    Results equal the reference whether the mask is bool or additive -inf, and a finfo.min
+    additive mask (not -inf) is honoured as a finite bias."""
+    monkeypatch.setenv("TURBOFX_ATTENTION_SPLITS", splits)
+    q, k, v = _qkv(1, 4, 2, 3, 300, 16, torch.float32)
+    keep = torch.zeros(1, 1, 3, 300, dtype=torch.bool)
+    keep[..., 70:140] = True
+    keep[..., 0, 139] = False  # the rows see different extents
+    _check(q, k, v, keep)
+    _check(q, k, v, torch.zeros(keep.shape).masked_fill(~keep, float("-inf")))
+    _check(q, k, v, torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min))
+
+
 def test_split_kv_with_masked_chunks(monkeypatch):
     """A chunk whose keys are all masked contributes nothing (its log-sum-exp is -inf)."""
     monkeypatch.setenv("TURBOFX_ATTENTION_SPLITS", "4")

@@ -184,6 +184,25 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL, KN, VN, POS, C, S,
                           VN + b * svnb + hk * svnh, POS, C + b * scb, S + b * scb, j0, lo, hi, skn, skd, svn, svd,
                           sknn, sknd, svnn, svnd, scr, scd, S_NEW, D, RD, ROPE_K, BLOCK_N, BLOCK_D)
         tl.debug_barrier()
+    M = M + b * smb
+    mrow = h * smh + qpos * smm
+    if HAS_MASK:  # narrow [lo, hi) to the keys the mask lets some row see: a static cache masks its
+        # unwritten slots, an explicit causal mask its upper triangle (bool False / additive -inf)
+        seen_lo = hi
+        seen_hi = lo
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            ok = m_ok[:, None] & (offs_n < SK)[None, :]
+            mk = tl.load(M + mrow[:, None] + offs_n[None, :] * smn, mask=ok, other=0)
+            if MASK_BOOL:
+                seen = ok & (mk != 0)
+            else:
+                seen = ok & (mk.to(tl.float32) != float("-inf"))
+            col = tl.max(seen.to(tl.int32), 0) > 0
+            seen_lo = tl.minimum(seen_lo, tl.min(tl.where(col, offs_n, hi), 0))
+            seen_hi = tl.maximum(seen_hi, tl.max(tl.where(col, offs_n + 1, lo), 0))
+        lo = seen_lo // BLOCK_N * BLOCK_N  # stays on the key-tile grid; nothing seen: lo >= hi
+        hi = seen_hi
     # Only the tiles at the edges of the visible band need masks: [lo, full_lo) meets the window's
     # lower edge, [full_hi, hi) the causal diagonal or the end of the keys; every key in between is
     # visible to every row of this query tile. An explicit mask tensor is read on every tile.
@@ -198,8 +217,6 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL, KN, VN, POS, C, S,
         full_hi = tl.maximum(full_lo, full_lo + (visible - full_lo) // BLOCK_N * BLOCK_N)
     K = K + b * skb + hk * skh
     V = V + b * svb + hk * svh
-    M = M + b * smb
-    mrow = h * smh + qpos * smm
     m_i, l_i, acc = _kv_tiles(q, m_i, l_i, acc, K, V, M, lo, full_lo, qpos, mrow, m_ok, offs_d, d_ok, skn, skd, svn, svd,
                               smn, SK, shift, scale, softcap, window, True, HAS_MASK, MASK_BOOL, CAUSAL, WINDOW,
                               SOFTCAP, UPCAST, IEEE, BLOCK_N)
