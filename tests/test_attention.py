@@ -180,6 +180,20 @@ def test_mask_extent_bounds_the_key_loop(monkeypatch, splits):
     _check(q, k, v, torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min))
 
 
+def test_sdpa_is_causal_with_fewer_queries_than_keys_stays_sdpa():
+    """SDPA's is_causal aligns the mask top-left when Sq != Sk; the kernel's causal flag is the KV
+    cache's bottom-right convention, so the pass refuses (with the reason) rather than change results."""
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = _qkv(1, 2, 2, 3, 10, 16, torch.float32)
+    cm = turbofx.compile(M(), (q, k, v))
+    torch.testing.assert_close(cm(q, k, v), M()(q, k, v))
+    rec = next(p for p in turbofx.explain(cm).passes if p.name == "attention")
+    assert not rec.matched and "top-left" in rec.refused[0][1]
+
+
 def test_split_kv_with_masked_chunks(monkeypatch):
     """A chunk whose keys are all masked contributes nothing (its log-sum-exp is -inf)."""
     monkeypatch.setenv("TURBOFX_ATTENTION_SPLITS", "4")

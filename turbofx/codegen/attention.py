@@ -137,7 +137,7 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL, KN, VN, POS, C, S,
                       sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                       smb, smh, smm, smn, sob, soh, som, sod,
                       sknb, sknh, sknn, sknd, svnb, svnh, svnn, svnd, scb, scr, scd,
-                      H, GROUPS, G, SQ, SK, D, S_NEW, RD, scale, softcap, window, split_len, n_splits,
+                      H, GROUPS, G, SQ, SK, D, S_NEW, RD, scale, softcap, window, n_splits,
                       HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
                       WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
                       IEEE: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, WRITE_KV: tl.constexpr,
@@ -174,14 +174,11 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL, KN, VN, POS, C, S,
     if WINDOW:
         lo = tl.maximum(0, q_first + shift - window + 1)
         lo = (lo // BLOCK_N) * BLOCK_N
-    if SPLIT:  # flash-decoding: this program covers one chunk of the keys
-        lo = tl.maximum(lo, split * split_len)
-        hi = tl.minimum(hi, (split + 1) * split_len)
-    if WRITE_KV:  # prologue: the new rows this program reads go into the cache first (every program
-        # that reads a row writes the same values), then the cache is read once, as usual
+    if WRITE_KV:  # prologue: every new row goes into the cache first (each program of this KV head
+        # writes the same values; decode has one or a few rows), then the cache is read once
         for j0 in range(0, S_NEW, BLOCK_N):
             _write_new_kv(K + b * skb + hk * skh, V + b * svb + hk * svh, KN + b * sknb + hk * sknh,
-                          VN + b * svnb + hk * svnh, POS, C + b * scb, S + b * scb, j0, lo, hi, skn, skd, svn, svd,
+                          VN + b * svnb + hk * svnh, POS, C + b * scb, S + b * scb, j0, 0, SK, skn, skd, svn, svd,
                           sknn, sknd, svnn, svnd, scr, scd, S_NEW, D, RD, ROPE_K, BLOCK_N, BLOCK_D)
         tl.debug_barrier()
     M = M + b * smb
@@ -203,6 +200,10 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL, KN, VN, POS, C, S,
             seen_hi = tl.maximum(seen_hi, tl.max(tl.where(col, offs_n + 1, lo), 0))
         lo = seen_lo // BLOCK_N * BLOCK_N  # stays on the key-tile grid; nothing seen: lo >= hi
         hi = seen_hi
+    if SPLIT:  # flash-decoding: this program covers one chunk (whole key tiles) of what is visible
+        chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), n_splits), BLOCK_N) * BLOCK_N
+        lo = lo + split * chunk
+        hi = tl.minimum(hi, lo + chunk)
     # Only the tiles at the edges of the visible band need masks: [lo, full_lo) meets the window's
     # lower edge, [full_hi, hi) the causal diagonal or the end of the keys; every key in between is
     # visible to every row of this query tile. An explicit mask tensor is read on every tile.

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 import turbofx.runtime.ops  # noqa: F401  (registers torch.ops.turbofx.attention)
-from turbofx.codegen.indexing import val
+from turbofx.codegen.indexing import same, to_expr, val
 from turbofx.passes.manager import PassContext, PassRecord
 
 aten = torch.ops.aten
@@ -159,8 +159,13 @@ def attention(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
         if why:
             rec.refused.append((n.name, why))
             continue
+        causal = bool(a.get("is_causal", False))
+        if causal and not same(to_expr(val(q).shape[-2]), to_expr(val(k).shape[-2])):
+            rec.refused.append((n.name, "is_causal with Sq != Sk: SDPA aligns the causal mask top-left, "
+                                        "the kernel bottom-right (a KV cache's convention)"))
+            continue
         scale = a.get("scale") or 1.0 / math.sqrt(val(q).shape[-1])
-        _replace(g, n, q, k, v, mask, scale, bool(a.get("is_causal", False)), 0.0, rec, "sdpa")
+        _replace(g, n, q, k, v, mask, scale, causal, 0.0, rec, "sdpa")
     g.eliminate_dead_code()
     return rec
 

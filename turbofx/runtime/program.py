@@ -231,7 +231,9 @@ class Program:
                 if not cache["inplace"]:  # the graph still reads the old caches: update copies
                     k, v = k.clone(), v.clone()
                 new = _new_rows(values, cache, b, sq, d)
-                prologue = q_tiles == 1
+                # decode: the attention kernel's prologue writes the few new rows (each program of
+                # a KV head repeats that small write); more rows: one write kernel first
+                prologue = q_tiles == 1 and sq <= 16
                 if not prologue:
                     kn, vn, pos, c, sn = new["tensors"]
                     kv_write[(-(-sq // blocks["BLOCK_N"]), b * k.shape[1])](
@@ -248,9 +250,6 @@ class Program:
                 rope_dims = 0
                 cache_flags = dict(ROPE_Q=False, ROPE_K=False, WRITE_KV=False)
             splits = attention_splits(sm_count, b * (h // g) * q_tiles, sk, blocks["BLOCK_N"], interpret=interpret)
-            split_len = -(-sk // splits)
-            split_len = -(-split_len // blocks["BLOCK_N"]) * blocks["BLOCK_N"]  # whole key tiles
-            splits = -(-sk // split_len)
             if splits > 1:
                 po = torch.empty(b * h * splits * sq, blocks["BLOCK_D"], dtype=torch.float32, device=q.device)
                 pl = torch.empty(b * h * splits * sq, dtype=torch.float32, device=q.device)
@@ -260,7 +259,7 @@ class Program:
             fn[(q_tiles, b * (h // g), splits)](
                 q, k, v, m, out, po, pl, *extra[:5], *q.stride(), *k.stride(), *v.stride(), *m_strides,
                 *out.stride(), *extra[5:], h, groups, g, sq, sk, d, sq, rope_dims, float(s["scale"]),
-                float(s["softcap"]), int(s["window"]), split_len, splits, HAS_MASK=mask is not None,
+                float(s["softcap"]), int(s["window"]), splits, HAS_MASK=mask is not None,
                 MASK_BOOL=mask is not None and mask.dtype == torch.bool, SPLIT=splits > 1,
                 num_warps=num_warps, **flags, **cache_flags, **kw)
             if splits > 1:
