@@ -66,6 +66,29 @@ def test_pointwise_broadcast_chain():
     assert not rep.fallbacks, str(rep)
 
 
+def test_buffer_copy_is_a_generated_pointwise_op():
+    """``buf.copy_(x[0])`` (HF's cache length counters) is a functional copy in the graph: it fuses
+    with its consumers instead of running as an ATen call, and the buffer is still updated."""
+    class Counter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("length", torch.zeros((), dtype=torch.int64))
+
+        def forward(self, positions, x):  # as StaticCache layers keep their length
+            self.length.copy_(positions[0])
+            slots = torch.arange(4) + self.length
+            self.length.add_(4)
+            return x * slots
+
+    m = Counter()
+    positions, x = torch.tensor([5, 6]), torch.randn(4)
+    compiled = turbofx.compile(m, (positions, x))
+    torch.testing.assert_close(compiled(positions, x), x * torch.arange(5, 9))
+    assert int(m.length) == 9
+    report = turbofx.explain(compiled)
+    assert not any("copy" in k.label for k in report.fallbacks), [k.label for k in report.fallbacks]
+
+
 def test_pointwise_three_way_broadcast():
     m = Fn(lambda s, x, y: (x + y) * s.w - 1.5, w=torch.randn(1, 3, 1))
     _, rep = run(m, torch.randn(2, 1, 5), torch.randn(2, 3, 5))

@@ -131,6 +131,7 @@ POINTWISE: dict = {
     aten.clamp.default: lambda n, a, k: _clamp(n, a),
     aten._to_copy.default: _to_copy,
     aten.clone.default: lambda n, a, k: a[0],
+    aten.copy.default: lambda n, a, k: _to_copy(n, [a[1]], k),  # functional copy_: src cast and broadcast
 }
 
 
@@ -184,6 +185,10 @@ def pointwise_refusal(node: fx.Node) -> str | None:
             return "copy with unusual arguments"
         if src is None or src.device != v.device:
             return "device transfer"
+    if node.target is aten.copy.default:
+        src = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
+        if src is None or src.device != v.device or node.kwargs.get("non_blocking"):
+            return "copy from another device or of a non-tensor"
     if node.target is aten.clone.default and node.kwargs.get("memory_format") not in (None, torch.contiguous_format):
         return "clone to a non-contiguous memory format"
     if node.target is aten.pow.Tensor_Scalar and _pow_scalar("x", node.args[1]) is None:
