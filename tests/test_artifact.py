@@ -88,6 +88,17 @@ def test_version_mismatch_raises(artifact, tmp_path):
         turbofx.load(bad)
 
 
+def test_older_format_raises(artifact, tmp_path):
+    from turbofx.compiler.artifact import FORMAT
+
+    bad = _copy(artifact, tmp_path / "older")
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["format"] = FORMAT - 1  # its kernels take other arguments than this runtime passes
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="re-export"):
+        turbofx.load(bad)
+
+
 def test_not_an_artifact(tmp_path):
     with pytest.raises(ArtifactError, match="not a turbofx artifact"):
         turbofx.load(tmp_path)

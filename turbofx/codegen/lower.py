@@ -277,7 +277,7 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
             reads = [q, k, v, mask]
             storage_root[slot[n]] = slot[n]
             if u.target is CACHED:
-                q_raw, k_new, v_new, k_cache, v_cache, pos, cos, sin = n.args[:8]
+                _, k_new, v_new, k_cache, v_cache, pos, cos, sin = n.args[:8]
                 sources[attention_template.KV_WRITE] = attention_template.SOURCE
                 step["cache"] = {
                     "k_new": slot[k_new], "v_new": slot[v_new], "positions": slot[pos],

@@ -22,7 +22,7 @@ import torch
 
 from turbofx.errors import ArtifactError
 
-FORMAT = 1
+FORMAT = 2  # 2: attention steps call the kernel with packed query heads, RoPE and cache-write arguments
 
 
 def _versions() -> dict:
