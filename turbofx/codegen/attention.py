@@ -185,8 +185,8 @@ def tfx_attention_fwd(Q, K, V, M, O, PO, PL, KN, VN, POS, C, S,
     mrow = h * smh + qpos * smm
     if HAS_MASK:  # narrow [lo, hi) to the keys the mask lets some row see: a static cache masks its
         # unwritten slots, an explicit causal mask its upper triangle (bool False / additive -inf)
-        seen_lo = hi
-        seen_hi = lo
+        seen_lo = tl.full([], 0, tl.int32) + hi  # tensors from the start: loop-carried types must not change
+        seen_hi = tl.full([], 0, tl.int32) + lo
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             ok = m_ok[:, None] & (offs_n < SK)[None, :]
