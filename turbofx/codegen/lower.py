@@ -125,6 +125,16 @@ def _reinplaceable(g: fx.Graph, write_backs: dict[fx.Node, fx.Node], region_of: 
     return out
 
 
+def _share_storage(storage_root: dict[int, int], value: int, bases: set[int]) -> None:
+    """``value`` aliases the storage of ``bases`` (roots of input slots): conservatively keep every
+    possible base alive together."""
+    top = min(bases)
+    if len(bases) > 1:
+        for r in bases:
+            storage_root[r] = top
+    storage_root[value] = top
+
+
 def _attention_args(n: fx.Node) -> tuple:
     """(q, k, v, mask, scale, causal, window, softcap) of an attention node; for a cached one, k
     and v are the caches (updated by the step before its attention reads them)."""
@@ -231,6 +241,13 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
     kernel_outputs: set[int] = set()
     uses: dict[int, list[int]] = {}
     defined_at: dict[int, int] = {}
+
+    def define(i: int, n: fx.Node, reads) -> None:
+        """Step ``i`` defines ``n``'s value and reads ``reads`` (None and scalars skipped)."""
+        defined_at[slot[n]] = i
+        for a in reads:
+            if a is not None and a in slot:
+                uses.setdefault(slot[a], []).append(i)
     for i, u in enumerate(schedule):
         if isinstance(u, Region):
             spec: KernelSpec = specs[id(u)]
@@ -277,28 +294,22 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
             reads = [q, k, v, mask]
             storage_root[slot[n]] = slot[n]
             if u.target is CACHED:
-                _, k_new, v_new, k_cache, v_cache, pos, cos, sin = n.args[:8]
+                _, k_new, v_new, k_cache, v_cache, pos, cos, sin, *_, rope_q, rope_k = n.args
                 sources[attention_template.KV_WRITE] = attention_template.SOURCE
                 step["cache"] = {
                     "k_new": slot[k_new], "v_new": slot[v_new], "positions": slot[pos],
                     "cos": slot[cos] if cos is not None else None, "sin": slot[sin] if sin is not None else None,
-                    "rope_q": n.args[13], "rope_k": n.args[14], "inplace": n in inplace,
+                    "rope_q": rope_q, "rope_k": rope_k, "inplace": n in inplace,
                     "kv_write": attention_template.KV_WRITE}
                 reads += [k_new, v_new, pos, cos, sin]
                 if n in inplace:  # the step's value holds the caches themselves
-                    roots = {storage_root[slot[k_cache]], storage_root[slot[v_cache]]}
-                    for r in roots:
-                        storage_root[r] = min(roots)
-                    storage_root[slot[n]] = min(roots)
+                    _share_storage(storage_root, slot[n], {storage_root[slot[k_cache]], storage_root[slot[v_cache]]})
             steps.append(step)
-            defined_at[slot[n]] = i
-            for a in reads:
-                if a is not None:
-                    uses.setdefault(slot[a], []).append(i)
+            define(i, n, reads)
             if u.target is ATTENTION:
                 records.append(KernelRecord(attention_template.NAME, "attention", "attention", [n.name]))
             else:
-                rope = "+rope" if n.args[13] or n.args[14] else ""
+                rope = "+rope" if rope_q or rope_k else ""
                 where = "in place" if n in inplace else "into copies (the graph reads the old caches too)"
                 records.append(KernelRecord(attention_template.NAME, "attention", f"attention{rope}+cache write",
                                             [n.name], f"new K/V rows written into the caches {where}"))
@@ -313,9 +324,7 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
                 "shape": [ix.pyexpr(e) for e in ix.shape_of(n)], "stride": [ix.pyexpr(e) for e in ix.strides_of(n)],
                 "blocks": attention_template.blocks(target, int(val_int(ov.shape[-1])), ov.element_size()),
                 "node": n.name})
-            defined_at[slot[n]] = i
-            for a in (q, k, v, cu):
-                uses.setdefault(slot[a], []).append(i)
+            define(i, n, [q, k, v, cu])
             storage_root[slot[n]] = slot[n]
             records.append(KernelRecord(attention_template.VARLEN, "attention", "varlen_attention", [n.name]))
         else:
@@ -327,19 +336,16 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
             steps.append({"type": "extern", "op": op, "args": template(list(n.args)),
                           "kwargs": template(dict(n.kwargs))["$kw"], "out": slot[n], "node": n.name,
                           "reason": reason})
-            defined_at[slot[n]] = i
-            ins = [slot[a] for a in n.all_input_nodes if a in slot]
-            for s_ in ins:
-                uses.setdefault(s_, []).append(i)
+            define(i, n, n.all_input_nodes)
             # outputs of aliasing ops (views, getitem of tuples) share their inputs' storage
             aliasing = n.target is operator.getitem or n in inplace or (
                 isinstance(n.target, torch._ops.OpOverload)
                 and any(r.alias_info is not None for r in n.target._schema.returns))
-            roots = {storage_root[s_] for s_ in ins if s_ in storage_root}
-            storage_root[slot[n]] = min(roots) if aliasing and roots else slot[n]
-            if aliasing and len(roots) > 1:
-                for r in roots:  # conservatively keep every possible base alive together
-                    storage_root[r] = min(roots)
+            roots = {storage_root[slot[a]] for a in n.all_input_nodes if a in slot and slot[a] in storage_root}
+            if aliasing and roots:
+                _share_storage(storage_root, slot[n], roots)
+            else:
+                storage_root[slot[n]] = slot[n]
             records.append(KernelRecord(n.name, "extern", op, [n.name], reason))
 
     out_template = [template(a) for a in _flat_outputs(output)]

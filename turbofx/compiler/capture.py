@@ -159,7 +159,6 @@ def _path_name(path, params: list[str]) -> str:
     return f"{name}{rest}"
 
 
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
@@ -170,19 +169,20 @@ def keep_attention_whole(gm: fx.GraphModule) -> int:
     import torch.nn.functional as F
 
     import turbofx.runtime.ops  # noqa: F401  (registers torch.ops.turbofx.sdpa)
+    from turbofx.passes.attention import SDPA_ARGS
 
     targets = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
     count = 0
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target not in targets:
             continue
-        a = dict(_SDPA_DEFAULTS, **dict(zip(_SDPA_ARGS, n.args)), **n.kwargs)
-        if set(a) != set(_SDPA_ARGS) or not all(
+        a = dict(_SDPA_DEFAULTS, **dict(zip(SDPA_ARGS, n.args)), **n.kwargs)
+        if set(a) != set(SDPA_ARGS) or not all(
                 isinstance(a[k], t) for k, t in (("dropout_p", (int, float)), ("is_causal", bool), ("enable_gqa", bool))) \
                 or not (a["scale"] is None or isinstance(a["scale"], (int, float))):
             continue
         n.target = torch.ops.turbofx.sdpa.default
-        n.args = tuple(a[k] for k in _SDPA_ARGS[:4]) + (float(a["dropout_p"]), a["is_causal"],
+        n.args = tuple(a[k] for k in SDPA_ARGS[:4]) + (float(a["dropout_p"]), a["is_causal"],
                                                          None if a["scale"] is None else float(a["scale"]),
                                                          a["enable_gqa"])
         n.kwargs = {}

@@ -19,6 +19,7 @@ from turbofx.passes.manager import PassContext, PassRecord
 
 aten = torch.ops.aten
 _RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")  # in order
 
 
 def _shared_kv(x: fx.Node) -> tuple[fx.Node, int]:
@@ -151,8 +152,7 @@ def attention(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
             continue
         if n.target not in (aten.scaled_dot_product_attention.default, torch.ops.turbofx.sdpa.default):
             continue
-        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
-        a = dict(zip(names, n.args))
+        a = dict(zip(SDPA_ARGS, n.args))
         a.update(n.kwargs)
         q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
         why = _refusal(val(q), val(k), val(v), val(mask) if mask is not None else None, a.get("dropout_p", 0.0))
