@@ -28,3 +28,19 @@ class CodegenError(TurbofxError):
 
 class VerificationError(TurbofxError):
     """Verify mode found a pass that changed the graph's results."""
+
+
+REPORT_TO = "the turbofx issue tracker"  # no public address yet: say where, in words
+
+
+class TurbofxInternalError(TurbofxError):
+    """An unexpected failure inside turbofx's own code: a turbofx bug, not the user's."""
+
+    def __init__(self, what: str, cause: BaseException | None = None) -> None:
+        detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        super().__init__(f"turbofx bug: {what}{detail}. Please report it on {REPORT_TO} with the output of "
+                         "the same run under TURBOFX_LOG=debug")
+
+
+class BisectError(TurbofxError):
+    """``turbofx bisect`` could not run (e.g. the model is not compiled wrongly to begin with)."""

@@ -49,6 +49,7 @@ class Lowered:
     program: dict
     sources: dict[str, str]
     kernels: list[KernelRecord]
+    slots: dict[int, str] = field(default_factory=dict)  # value slot -> FX node name (verify="kernels")
 
 
 def op_name(target) -> str:
@@ -409,7 +410,7 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
         "steps": steps, "frees": frees, "outputs": out_template,
     }
     _check_symbols(program, bound)
-    return Lowered(program, sources, records)
+    return Lowered(program, sources, records, {v: n.name for n, v in slot.items()})
 
 
 def _flat_outputs(output: fx.Node) -> list:

@@ -59,9 +59,17 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
     graphs = opts.cudagraphs if opts.cudagraphs is not None else mode == "reduce-overhead"
 
     def forward_compiler(fx_graph, inputs):
+        from turbofx.errors import TurbofxError, TurbofxInternalError
+
         t0 = time.perf_counter()
-        captured = capture_aot_graph(fx_graph, inputs)
-        program, report, _, target = build(captured, opts, time.perf_counter() - t0)
+        try:
+            captured = capture_aot_graph(fx_graph, inputs)
+            program, report, _, target = build(captured, opts, time.perf_counter() - t0)
+        except TurbofxError:
+            raise
+        except Exception as e:  # Dynamo already traced the user's code: a failure here is ours
+            log.debug("internal error while compiling a graph", exc_info=True)
+            raise TurbofxInternalError("compiling a torch.compile graph failed", e) from e
         report.inputs = input_refs
         _reports.append(report)
         stats["graphs"] += 1

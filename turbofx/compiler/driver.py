@@ -12,11 +12,14 @@ from turbofx.codegen import cache
 from turbofx.codegen.lower import KernelRecord, lower
 from turbofx.codegen.target import detect
 from turbofx.compiler.capture import CapturedGraph, capture_module
+from turbofx.compiler.progress import Progress
+from turbofx.compiler.verify import KernelMismatch, check_kernels
+from turbofx.errors import TurbofxError, TurbofxInternalError
 from turbofx.passes.attention import attention
 from turbofx.passes.attention_prologue import attention_prologue
 from turbofx.passes.canonicalize import canonicalize
 from turbofx.passes.fusion import fuse
-from turbofx.passes.manager import PassContext, PassManager, PassRecord, pass_name
+from turbofx.passes.manager import Fuel, PassContext, PassManager, PassRecord, Rewrite, pass_name
 from turbofx.runtime.module import CompiledModule
 from turbofx.runtime.program import Program
 
@@ -27,6 +30,7 @@ if os.environ.get("TURBOFX_LOG"):
 
 
 PASSES = [canonicalize, attention, attention_prologue, fuse]  # in order
+VERIFY_MODES = (False, True, "passes", "kernels", "all")  # True is "passes"
 
 
 @dataclass
@@ -35,7 +39,11 @@ class Options:
 
     target: str | None = None  # cuda | hip | cpu-interpret; None detects
     dynamic: bool = False  # symbolic sizes for every input dim that the model allows
-    verify: bool = False  # run the graph before and after each pass and compare
+    # True/"passes": run the graph before and after each pass and compare (VerificationError names
+    # the pass); "kernels": check each generated kernel against ATen, replace those that disagree;
+    # "all": both
+    verify: bool | str = False
+    max_rewrites: int | None = None  # rewrite budget (bisecting a miscompile); env TURBOFX_MAX_REWRITES
     dump_dir: str | None = None  # write each stage's graph and each kernel's source
     mode: str | None = None  # accepted from torch.compile / HF generate; recorded
     cudagraphs: bool | None = None  # replay through CUDA/HIP graphs; None: on for GPU targets
@@ -47,17 +55,32 @@ class Options:
         known = set(cls.__dataclass_fields__)
         unknown = set(kw) - known
         if unknown:
-            from turbofx.errors import TurbofxError
-
             raise TurbofxError(f"unknown turbofx option(s) {sorted(unknown)}; known: {sorted(known)}")
         opts = cls(**kw)
         opts.disable = (opts.disable,) if isinstance(opts.disable, str) else tuple(opts.disable)
         names = [pass_name(p) for p in PASSES]
         if set(opts.disable) - set(names):
-            from turbofx.errors import TurbofxError
-
             raise TurbofxError(f"disable={list(opts.disable)}: unknown pass name(s); the passes are {names}")
+        if not any(opts.verify is m or (isinstance(m, str) and opts.verify == m) for m in VERIFY_MODES):
+            raise TurbofxError(f"verify={opts.verify!r}: expected one of False, True, 'passes', 'kernels', 'all'")
+        if opts.max_rewrites is None and os.environ.get("TURBOFX_MAX_REWRITES", "").strip():
+            env = os.environ["TURBOFX_MAX_REWRITES"].strip()
+            if not env.isdigit():
+                raise TurbofxError(f"TURBOFX_MAX_REWRITES={env!r}: expected a whole number >= 0 (or unset it)")
+            opts.max_rewrites = int(env)
+        if opts.max_rewrites is not None and (isinstance(opts.max_rewrites, bool) or not isinstance(
+                opts.max_rewrites, int) or opts.max_rewrites < 0):
+            raise TurbofxError(f"max_rewrites={opts.max_rewrites!r}: expected a whole number >= 0, or None "
+                               "for no budget")
         return opts
+
+    @property
+    def verify_passes(self) -> bool:
+        return self.verify is True or self.verify in ("passes", "all")
+
+    @property
+    def verify_kernels(self) -> bool:
+        return self.verify in ("kernels", "all")
 
     def passes(self) -> list:
         off = set(self.disable) | ({"attention", "attention_prologue"} if not self.attention else set())
@@ -74,6 +97,10 @@ class Report:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     runtime_notes: list[str] = field(default_factory=list)  # e.g. graph captures and why not
     inputs: list = field(default_factory=list)  # torch.compile door: weakrefs to the tensors the graph took
+    rewrites: list[Rewrite] = field(default_factory=list)  # every rewrite the passes made, in order
+    rewrite_budget: int | None = None  # max_rewrites in force
+    budget_exhausted: bool = False  # some rewrite was refused for want of budget
+    kernel_mismatches: list[KernelMismatch] = field(default_factory=list)  # verify="kernels" replacements
 
     @property
     def generated(self) -> list[KernelRecord]:
@@ -111,13 +138,19 @@ class Report:
             for (op, why), n in sorted(reasons.items(), key=lambda x: -x[1]):
                 lines.append(f"    {n:4d}× {op}: {why}")
         lines.append("  passes: " + "; ".join(p.summary() for p in self.passes))
+        if self.rewrite_budget is not None:
+            spent = ", budget spent: later rewrites skipped" if self.budget_exhausted else ""
+            lines.append(f"  rewrites: {len(self.rewrites)} made of max_rewrites={self.rewrite_budget}{spent}")
+        for m in self.kernel_mismatches:
+            lines.append(f"  verify=kernels: {m}; replaced by its ATen ops")
         for note in self.runtime_notes[-5:]:
             lines.append(f"  runtime: {note}")
         return "\n".join(lines)
 
 
-def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0):
-    """Passes + lowering + kernel loading for a captured graph -> (Program, Report, Lowered)."""
+def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, progress: Progress | None = None):
+    """Passes + lowering + kernel loading for a captured graph -> (Program, Report, Lowered, Target)."""
+    progress = progress or Progress("compiling")
     target = detect(_device_of(captured), opts.target)
     report = Report(target=target.describe(), stage_seconds={"capture": capture_seconds})
     t0 = time.perf_counter()
@@ -127,20 +160,28 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0):
 
         with unset_fake_temporarily():
             flat_example = _graph_example_inputs(captured)
-    ctx = PassContext(example_inputs=flat_example)
+    ctx = PassContext(example_inputs=flat_example, fuel=Fuel(opts.max_rewrites))
     log.info("passes over %d graph nodes", len(captured.gm.graph.nodes))
-    pm = PassManager(opts.passes(), verify=opts.verify, dump_dir=opts.dump_dir)
+    pm = PassManager(opts.passes(), verify=opts.verify_passes, dump_dir=opts.dump_dir,
+                     progress=lambda name: progress.stage(f"pass {name}"))
     report.passes = pm.run(captured.gm, ctx)
+    report.rewrites, report.rewrite_budget, report.budget_exhausted = ctx.fuel.taken, ctx.fuel.limit, ctx.fuel.exhausted
     t1 = time.perf_counter()
     refusals = {name: why for rec in report.passes for name, why in rec.refused}
     log.info("generating %d kernels for %s", len(ctx.regions), target.describe())
-    placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
-    by_target = {spec.target: p for spec, p in zip(captured.inputs, placeholders) if spec.target is not None}
-    by_name = {p.name: p for p in placeholders}
-    mutated = {i: by_target.get(o.target) or by_name.get(o.target) for i, o in enumerate(captured.outputs)
-               if o.kind != "user"}
-    lowered = lower(captured.gm, ctx.regions, target, refusals, {i: p for i, p in mutated.items() if p is not None})
-    kernels = {name: cache.load(name, src, target) for name, src in lowered.sources.items()}
+    regions = list(ctx.regions)
+    lowered, kernels = _lower_and_load(captured, regions, target, refusals, progress)
+    if opts.verify_kernels:
+        progress.stage("verify kernels")
+        report.kernel_mismatches = check_kernels(captured.gm, Program(lowered.program, kernels), lowered.slots,
+                                                 flat_example, kernels)
+        if report.kernel_mismatches:  # dissolve: the disagreeing regions' nodes run as ATen calls
+            bad = {name for m in report.kernel_mismatches for name in m.nodes}
+            for m in report.kernel_mismatches:
+                refusals.update({name: f"verify=kernels: kernel {m.kernel} disagreed with ATen "
+                                       f"(max abs error {m.max_abs_error:.3g})" for name in m.nodes})
+            regions = [r for r in regions if not any(x.name in bad for x in r.nodes)]
+            lowered, kernels = _lower_and_load(captured, regions, target, refusals, progress)
     lowered.program["target"] = {"backend": target.backend, "arch": target.arch}
     program = Program(lowered.program, kernels)
     program.sources = lowered.sources
@@ -148,6 +189,21 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0):
     report.stage_seconds.update(passes=t1 - t0, codegen=time.perf_counter() - t1)
     _dump_kernels(opts, lowered.sources)
     return program, report, lowered, target
+
+
+def _lower_and_load(captured: CapturedGraph, regions: list, target, refusals: dict, progress: Progress):
+    placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
+    by_target = {spec.target: p for spec, p in zip(captured.inputs, placeholders) if spec.target is not None}
+    by_name = {p.name: p for p in placeholders}
+    mutated = {i: by_target.get(o.target) or by_name.get(o.target) for i, o in enumerate(captured.outputs)
+               if o.kind != "user"}
+    progress.stage("lowering")
+    lowered = lower(captured.gm, regions, target, refusals, {i: p for i, p in mutated.items() if p is not None})
+    kernels = {}
+    for name, src in lowered.sources.items():
+        progress.stage(f"codegen {name}")
+        kernels[name] = cache.load(name, src, target)
+    return lowered, kernels
 
 
 def _device_of(c: CapturedGraph) -> torch.device | None:
@@ -233,14 +289,30 @@ def compile(module: torch.nn.Module, example_args: tuple = (), example_kwargs: d
             target: str | None = None, **options) -> CompiledModule:
     """Compile ``module`` for calls like ``module(*example_args, **example_kwargs)``."""
     opts = Options.make(target=target, **options)
+    if not isinstance(module, torch.nn.Module):
+        raise TurbofxError(f"turbofx.compile takes a torch.nn.Module, not a {type(module).__name__}; wrap a "
+                           "function in an nn.Module whose forward calls it")
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TurbofxError(f"example_kwargs must be a dict of keyword inputs, not a {type(example_kwargs).__name__}")
     example_kwargs = dict(example_kwargs or {})
+    if isinstance(example_args, list):
+        example_args = tuple(example_args)
     if not isinstance(example_args, tuple):
         example_args = (example_args,)
-    t0 = time.perf_counter()
-    log.info("capturing %s with torch.export%s", type(module).__name__, " (dynamic sizes)" if opts.dynamic else "")
-    with torch.no_grad():
-        captured = capture_module(module, example_args, example_kwargs, dynamic=opts.dynamic)
-    program, report, _, target = build(captured, opts, time.perf_counter() - t0)
+    with Progress(f"compiling {type(module).__name__}") as progress:
+        try:
+            t0 = time.perf_counter()
+            log.info("capturing %s with torch.export%s", type(module).__name__,
+                     " (dynamic sizes)" if opts.dynamic else "")
+            progress.stage("capture")
+            with torch.no_grad():
+                captured = capture_module(module, example_args, example_kwargs, dynamic=opts.dynamic)
+            program, report, _, target = build(captured, opts, time.perf_counter() - t0, progress)
+        except TurbofxError:
+            raise  # says what was wrong already
+        except Exception as e:  # capture wraps the model's own failures: anything else is ours
+            log.debug("internal error while compiling", exc_info=True)
+            raise TurbofxInternalError(f"compiling {type(module).__name__} failed", e) from e
     log.info("compiled %s: %s", type(module).__name__, report.counts())
     compiled = make_module(captured, program, report)
     if opts.cudagraphs or (opts.cudagraphs is None and not target.interpret):
@@ -262,10 +334,10 @@ def explain(compiled) -> Report:
             for r in reps:
                 merged.kernels += r.kernels
                 merged.passes += r.passes
+                merged.rewrites += r.rewrites
+                merged.kernel_mismatches += r.kernel_mismatches
                 for k, v in r.stage_seconds.items():
                     merged.stage_seconds[k] = merged.stage_seconds.get(k, 0.0) + v
             return merged
-        from turbofx.errors import TurbofxError
-
         raise TurbofxError("this object was not compiled by turbofx (nothing to explain)")
     return rep

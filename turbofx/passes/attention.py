@@ -148,6 +148,9 @@ def attention(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
             if why:
                 rec.refused.append((n.name, f"decomposed attention: {why}"))
                 continue
+            if not ctx.fuel.take(f"{n.name} (matmul-softmax-matmul) -> turbofx::attention"):
+                rec.refused.append((n.name, ctx.fuel.refusal))
+                continue
             _replace(g, n, q, k, v, mask, scale, False, softcap, rec, "matmul-softmax-matmul")
             continue
         if n.target not in (aten.scaled_dot_product_attention.default, torch.ops.turbofx.sdpa.default):
@@ -165,6 +168,9 @@ def attention(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
                                         "the kernel bottom-right (a KV cache's convention)"))
             continue
         scale = a.get("scale") or 1.0 / math.sqrt(val(q).shape[-1])
+        if not ctx.fuel.take(f"{n.name} (sdpa) -> turbofx::attention"):
+            rec.refused.append((n.name, ctx.fuel.refusal))
+            continue
         _replace(g, n, q, k, v, mask, scale, causal, 0.0, rec, "sdpa")
     g.eliminate_dead_code()
     return rec

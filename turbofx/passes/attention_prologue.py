@@ -140,6 +140,9 @@ def attention_prologue(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
         if why:
             rec.refused.append((n.name, f"cache write not fused: {why}"))
             continue
+        if not ctx.fuel.take(f"{n.name}: cache write and rope fused -> turbofx::cached_attention"):
+            rec.refused.append((n.name, ctx.fuel.refusal))
+            continue
         (k_cache, pos, k_new), (v_cache, _, v_new) = kw, vw
         rq, rk = _rope(q), _rope(k_new)
         if rq is not None and rk is not None and rq[1:] != rk[1:]:

@@ -57,7 +57,8 @@ def _fits(region: Region, n: fx.Node, role: str) -> str | None:
 
 
 class _Partition:
-    def __init__(self, g: fx.Graph) -> None:
+    def __init__(self, g: fx.Graph, fuel=None) -> None:
+        self.fuel = fuel  # the rewrite budget: each new region takes one unit
         self.order = {n: i for i, n in enumerate(g.nodes)}
         self.region_of: dict[fx.Node, Region] = {}
         self.regions: list[Region] = []
@@ -132,6 +133,9 @@ class _Partition:
             rec.refused.append((n.name, f"not fused into region {r.id}: {why}"))
         if role == "view":
             return
+        if self.fuel is not None and not self.fuel.take(f"new {role} region at {n.name} ({n.target})"):
+            rec.refused.append((n.name, self.fuel.refusal))
+            return
         r = self.new_region(n, role)
         r.add(n)
         self.region_of[n] = r
@@ -139,7 +143,7 @@ class _Partition:
 
 def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
     rec = PassRecord("fusion")
-    part = _Partition(gm.graph)
+    part = _Partition(gm.graph, ctx.fuel)
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target in _FREE or val(n) is None:
             continue

@@ -34,11 +34,48 @@ class PassRecord:
 
 
 @dataclass
+class Rewrite:
+    """One rewrite a pass made, numbered in the order the passes made them (1-based)."""
+
+    index: int
+    pass_name: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"rewrite {self.index}: {self.pass_name}: {self.what}"
+
+
+@dataclass
+class Fuel:
+    """The rewrite budget (LLVM's opt-bisect, Thunder's fuel): each rewrite takes one unit; once
+    ``limit`` units are taken, passes stop rewriting. With a limit of N the compiled program is the
+    one made by the first N rewrites only, so a miscompile can be bisected to one rewrite."""
+
+    limit: int | None = None  # None: no budget
+    taken: list[Rewrite] = field(default_factory=list)
+    exhausted: bool = False  # some rewrite was refused for want of fuel
+    current_pass: str = ""
+
+    def take(self, what: str) -> bool:
+        """May the current pass make this rewrite? Records it when so."""
+        if self.limit is not None and len(self.taken) >= self.limit:
+            self.exhausted = True
+            return False
+        self.taken.append(Rewrite(len(self.taken) + 1, self.current_pass, what))
+        return True
+
+    @property
+    def refusal(self) -> str:
+        return f"rewrite budget spent (max_rewrites={self.limit})"
+
+
+@dataclass
 class PassContext:
-    """State passes share: fusion regions, and example inputs for verify mode."""
+    """State passes share: fusion regions, example inputs for verify mode, the rewrite budget."""
 
     example_inputs: list[Any] | None = None
     regions: list = field(default_factory=list)
+    fuel: Fuel = field(default_factory=Fuel)
 
 
 Pass = Callable[[fx.GraphModule, PassContext], PassRecord]
@@ -56,11 +93,54 @@ def lint(gm: fx.GraphModule, name: str) -> None:
             raise AssertionError(f"after {name}: node {n.name} ({n.target}) has no meta['val']")
 
 
-def _run_graph(gm: fx.GraphModule, inputs: list[Any]):
+def _as_promised(x, promised):
+    """``x`` with the strides the graph promised (``meta["val"]``) when they differ."""
+    if isinstance(x, (tuple, list)) and isinstance(promised, (tuple, list)):
+        return type(x)(_as_promised(a, b) for a, b in zip(x, promised))
+    if not isinstance(x, torch.Tensor) or not isinstance(promised, torch.Tensor) or x.dim() != promised.dim():
+        return x
+    stride = [s if isinstance(s, int) else s.node.hint for s in promised.stride()]
+    if list(x.stride()) == stride or x.numel() <= 1:
+        return x
+    y = torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device)
+    return y.copy_(x)
+
+
+class ReferenceRun(fx.Interpreter):
+    """The graph run eagerly, node by node, keeping every node's value (``self.env``).
+
+    turbofx's own ops (``torch.ops.turbofx.*``) run their reference implementations, which return
+    contiguous tensors, while the graph promises the layout of the nodes they replaced (the
+    kernels write that one) and later views rely on it: their results are given that layout."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.op == "call_function" and getattr(n.target, "namespace", None) == "turbofx":
+            out = _as_promised(out, n.meta.get("val"))
+        return out
+
+
+def fresh_copies(inputs: list[Any]) -> list[Any]:
+    """Copies of the example inputs: a graph that writes its inputs (caches, counters) in place
+    must not change them between the runs that are compared (nor the model's own buffers)."""
+    return [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
+
+
+def run_reference(gm: fx.GraphModule, inputs: list[Any], keep_values: bool = False):
+    """Outputs of ``gm`` run eagerly on copies of ``inputs`` (and every node's value when asked)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with torch.no_grad(), unset_fake_temporarily():  # Dynamo compiles under a fake mode
-        return gm(*inputs)
+        r = ReferenceRun(gm)
+        out = r.run(*fresh_copies(inputs))
+        return (out, r.env) if keep_values else out
+
+
+def _run_graph(gm: fx.GraphModule, inputs: list[Any]):
+    return run_reference(gm, inputs)
 
 
 def _compare(before, after, name: str) -> None:
@@ -75,9 +155,10 @@ def _compare(before, after, name: str) -> None:
 
 
 class PassManager:
-    def __init__(self, passes: list[Pass], verify: bool = False, dump_dir: str | None = None):
+    def __init__(self, passes: list[Pass], verify: bool = False, dump_dir: str | None = None, progress=None):
         self.passes = passes
         self.verify = verify
+        self.progress = progress  # called with each pass's name before it runs
         self.dump_dir = Path(dump_dir) if dump_dir else (Path(os.environ["TURBOFX_DUMP"]) if os.environ.get("TURBOFX_DUMP") else None)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> list[PassRecord]:
@@ -85,7 +166,15 @@ class PassManager:
         self._dump(gm, 0, "captured")
         for i, p in enumerate(self.passes, 1):
             name = pass_name(p)
-            reference = _run_graph(gm, ctx.example_inputs) if self.verify and ctx.example_inputs else None
+            if self.progress is not None:
+                self.progress(name)
+            ctx.fuel.current_pass = name
+            try:
+                reference = _run_graph(gm, ctx.example_inputs) if self.verify and ctx.example_inputs else None
+            except Exception as e:
+                raise VerificationError(
+                    f"verify: the graph could not be run eagerly before pass {name} ({type(e).__name__}: {e}); "
+                    "compile without verify=True, or report this as a turbofx bug") from e
             t0 = time.perf_counter()
             rec = p(gm, ctx)
             rec.seconds = time.perf_counter() - t0
@@ -93,9 +182,16 @@ class PassManager:
             lint(gm, name)
             if reference is not None:
                 try:
-                    _compare(reference, _run_graph(gm, ctx.example_inputs), name)
+                    after = _run_graph(gm, ctx.example_inputs)
+                except Exception as e:
+                    raise VerificationError(
+                        f"pass {name} broke the graph: it no longer runs eagerly ({type(e).__name__}: {e}); "
+                        f"compile with disable=({name!r},) to work around it, and report this as a turbofx bug") from e
+                try:
+                    _compare(reference, after, name)
                 except AssertionError as e:
-                    raise VerificationError(str(e)) from e
+                    raise VerificationError(f"{e}; compile with disable=({name!r},) to work around it, and report "
+                                            "this as a turbofx bug") from e
             log.debug(rec.summary())
             records.append(rec)
             self._dump(gm, i, rec.name)
