@@ -40,6 +40,10 @@ def __getattr__(name):
         from turbofx.compiler import artifact
 
         return getattr(artifact, name)
+    if name == "bisect":
+        from turbofx.compiler.bisect import bisect
+
+        return bisect
     if name == "generate":
         from turbofx.compiler.generation import generate
 

@@ -1,11 +1,18 @@
-"""The ``turbofx`` command: export, run, demo (the main job), doctor."""
+"""The ``turbofx`` command: export, run, demo (the main job), bisect, doctor.
+
+Errors are one line on stderr: ``turbofx: error: ...`` (exit 2) for what the user can fix,
+``turbofx: turbofx bug: ...`` (exit 3) for our own failures, ``turbofx: interrupted`` (exit 130)
+on Ctrl-C. The full traceback is printed only under ``TURBOFX_LOG=debug``.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
+import traceback
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -165,6 +172,26 @@ def cmd_demo(a) -> int:
     return 0 if same else 1
 
 
+def cmd_bisect(a) -> int:
+    """Find the rewrite that makes the compiled model differ from eager (binary search over
+    ``max_rewrites``); prints each trial on stderr and the verdict on stdout."""
+    from turbofx.compiler.bisect import bisect
+
+    model, tok = _load(a.model, a.dtype)
+    config = getattr(model, "config", None)
+    ids = _prompt_ids(tok, a.prompt, getattr(config, "vocab_size", 256))[:, : a.seq]
+    kwargs = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+
+    def show(t) -> None:
+        budget = "none" if t.max_rewrites is None else t.max_rewrites
+        print(f"  max_rewrites={budget}: {t.rewrites_made} rewrites, {'WRONG' if t.wrong else 'right'} "
+              f"(max abs error {t.max_abs_error:.3g})", file=sys.stderr, flush=True)
+
+    print(f"bisecting {a.model} on {ids.shape[1]} tokens against eager ...", file=sys.stderr, flush=True)
+    print(bisect(model, (ids,), kwargs, on_trial=show, target=a.target))
+    return 0
+
+
 def cmd_doctor(a) -> int:
     import torch
     import triton
@@ -190,7 +217,49 @@ def cmd_doctor(a) -> int:
     return 0
 
 
+def _debug() -> bool:
+    return os.environ.get("TURBOFX_LOG", "").lower() == "debug"
+
+
+def _one_line(msg: str, limit: int = 600) -> str:
+    """A message as one line: whitespace runs collapsed, a long middle cut (its head says what was
+    wrong, its tail what to do)."""
+    flat = " ".join(str(msg).split())
+    if len(flat) <= limit:
+        return flat
+    return f"{flat[: limit // 2]} ... {flat[-limit // 3:]} (TURBOFX_LOG=debug for all of it)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; every failure ends as one line on stderr and a non-zero exit code."""
+    from turbofx.errors import TurbofxError, TurbofxInternalError
+
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("turbofx: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly, and keep the exit flush quiet too
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 1
+    except TurbofxError as err:
+        if _debug():
+            traceback.print_exc()
+        bug = isinstance(err, TurbofxInternalError)
+        print(f"turbofx: {'' if bug else 'error: '}{_one_line(err)}", file=sys.stderr)
+        return 3 if bug else 2
+    except Exception as err:  # not raised on purpose: ours
+        if _debug():
+            traceback.print_exc()
+        print(f"turbofx: turbofx bug: {_one_line(f'{type(err).__name__}: {err}')}. Please report it with the "
+              "output of the same command under TURBOFX_LOG=debug", file=sys.stderr)
+        return 3
+
+
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="turbofx", description="Graph-level compiler for transformer models.")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="compile a model and write a self-contained artifact")
@@ -212,21 +281,31 @@ def main(argv: list[str] | None = None) -> int:
     _flag(d, "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     _flag(d, "--target", default=None)
     _flag(d, "--json", default=None)
+    b = sub.add_parser("bisect", help="find the rewrite that makes the compiled model differ from eager")
+    b.add_argument("model", help="smollm2 | llama | qwen2 | ... | pkg.module:factory")
+    _flag(b, "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    _flag(b, "--target", default=None)
+    _flag(b, "--seq", type=int, default=8, help="prompt tokens to run on")
+    _flag(b, "--prompt", default=DEFAULT_PROMPT)
     sub.add_parser("doctor", help="versions, target and GPU")
     a = p.parse_args(argv)
+    import contextlib
     import logging
-    import os
 
     if not os.environ.get("TURBOFX_LOG"):  # progress of long steps on stderr
         logging.basicConfig(format="  turbofx: %(message)s", stream=sys.stderr)
         logging.getLogger("turbofx").setLevel(logging.INFO)
-    from turbofx.errors import TurbofxError
+    from turbofx.compiler.progress import interactive
 
-    try:
-        return {"export": cmd_export, "run": cmd_run, "demo": cmd_demo, "doctor": cmd_doctor}[a.cmd](a)
-    except TurbofxError as err:
-        print(f"turbofx: error: {err}", file=sys.stderr)
-        return 2
+    cmd = {"export": cmd_export, "run": cmd_run, "demo": cmd_demo, "bisect": cmd_bisect, "doctor": cmd_doctor}[a.cmd]
+    if interactive():  # log lines printed above the progress bar, not through it
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        redirect = logging_redirect_tqdm(loggers=[logging.getLogger("turbofx"), logging.getLogger()])
+    else:
+        redirect = contextlib.nullcontext()
+    with redirect:
+        return cmd(a)
 
 
 if __name__ == "__main__":
