@@ -20,8 +20,9 @@ class Progress:
         if interactive():
             from tqdm import tqdm
 
-            self.bar = tqdm(desc=f"turbofx: {label}", unit="step", leave=False, file=sys.stderr,
-                            bar_format="{desc} [{n_fmt} steps, {elapsed}] {postfix}")
+            # a compile has tens of stages, each worth seeing: no refresh rate limit
+            self.bar = tqdm(desc=f"turbofx: {label}", unit="step", leave=False, file=sys.stderr, mininterval=0,
+                            bar_format="{desc} [{n_fmt} steps, {elapsed}]{postfix}")
 
     @property
     def shown(self) -> bool:
