@@ -295,8 +295,6 @@ def compile(module: torch.nn.Module, example_args: tuple = (), example_kwargs: d
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise TurbofxError(f"example_kwargs must be a dict of keyword inputs, not a {type(example_kwargs).__name__}")
     example_kwargs = dict(example_kwargs or {})
-    if isinstance(example_args, list):
-        example_args = tuple(example_args)
     if not isinstance(example_args, tuple):
         example_args = (example_args,)
     with Progress(f"compiling {type(module).__name__}") as progress:
