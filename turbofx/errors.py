@@ -28,3 +28,7 @@ class CodegenError(TurbofxError):
 
 class VerificationError(TurbofxError):
     """Verify mode found a pass that changed the graph's results."""
+
+
+class TargetError(TurbofxError, ValueError):
+    """An unknown target name, or a target this machine cannot provide (a GPU target without a GPU)."""

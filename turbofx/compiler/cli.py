@@ -191,13 +191,15 @@ def cmd_doctor(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from turbofx.codegen.target import cli_target
+
     p = argparse.ArgumentParser(prog="turbofx", description="Graph-level compiler for transformer models.")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="compile a model and write a self-contained artifact")
     e.add_argument("model", nargs="?", default="smollm2", help="smollm2 | llama | qwen2 | ... | pkg.module:factory")
     _flag(e, "--output-dir", required=True)
     _flag(e, "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    _flag(e, "--target", default=None)
+    _flag(e, "--target", default=None, type=cli_target, help="cpu | cuda | hip | cuda:smNN | hip:gfxNNN")
     _flag(e, "--kind", default="auto", choices=["auto", "generation", "forward"],
           help="generation: prefill + decode over a KV cache (default for causal LMs); forward: one program")
     _flag(e, "--max-cache-len", type=int, default=256)
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     _flag(d, "--prompt", default=DEFAULT_PROMPT)
     _flag(d, "--max-new-tokens", type=int, default=12)
     _flag(d, "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    _flag(d, "--target", default=None)
+    _flag(d, "--target", default=None, type=cli_target, help="cpu | cuda | hip")
     _flag(d, "--json", default=None)
     sub.add_parser("doctor", help="versions, target and GPU")
     a = p.parse_args(argv)
