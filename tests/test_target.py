@@ -93,3 +93,15 @@ def test_cli_refuses_a_bad_target_before_loading_anything():
                            "/nonexistent/x", "--target", "cuda:sm7"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--target" in done.stderr and "valid:" in done.stderr
     assert "loading" not in done.stderr
+
+
+@pytest.mark.parametrize("triton_v, numpy_v, ok", [("3.6.0", "2.2.6", True), ("3.6.0", "2.3.0", False),
+                                                   ("3.9.0", "2.4.6", True), ("3.6.0+git1", "2.4.1", False)])
+def test_interpreter_refuses_triton36_with_new_numpy(triton_v, numpy_v, ok):
+    from turbofx.codegen.target import check_interpreter_versions
+
+    if ok:
+        check_interpreter_versions(triton_v, numpy_v)
+    else:
+        with pytest.raises(TargetError, match="numpy < 2.3"):
+            check_interpreter_versions(triton_v, numpy_v)

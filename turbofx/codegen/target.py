@@ -180,6 +180,25 @@ def _gpu(idx: int) -> Target:
                   shared_mem=getattr(props, "shared_memory_per_block_optin", 0), features=feats)
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
+
+
+def check_interpreter_versions(triton_version: str, numpy_version: str) -> None:
+    """Triton < 3.7's interpreter breaks on numpy >= 2.3: refuse that pair instead of failing inside it."""
+    if _version(triton_version) < (3, 7) and _version(numpy_version) >= (2, 3):
+        raise TargetError(f"Triton {triton_version}'s CPU interpreter needs numpy < 2.3, found numpy {numpy_version}: "
+                          "pip install 'numpy<2.3' (or pip install -e '.[triton36]'), or use Triton >= 3.7")
+
+
+def _cpu() -> Target:
+    import numpy
+    import triton
+
+    check_interpreter_versions(triton.__version__, numpy.__version__)
+    return Target("cpu-interpret", "cpu", "cpu")
+
+
 def detect(device: torch.device | str | None = None, name: str | None = None) -> Target:
     """The target for a model on ``device`` (default: the first GPU, else the CPU interpreter).
     ``name`` (else ``TURBOFX_TARGET``) chooses one; see the module docstring for the names. A GPU
@@ -191,7 +210,7 @@ def detect(device: torch.device | str | None = None, name: str | None = None) ->
     dev = torch.device(device) if device is not None else None
     gpu = _gpu_backend()
     if n == "cpu" or (not n and (gpu is None or (dev is not None and dev.type != "cuda"))):
-        return Target("cpu-interpret", "cpu", "cpu")
+        return _cpu()
     idx = dev.index if dev is not None and dev.type == "cuda" and dev.index is not None else 0
     if ":" in n:  # an architecture: this machine's GPU when it is that one, else offline
         here = _gpu(idx) if gpu is not None and (dev is None or dev.type == "cuda") else None
