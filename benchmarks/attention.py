@@ -4,8 +4,12 @@
         [--contestants turbofx,sdpa-flash,sdpa-cudnn] [--iters N] [--warmup N] [--budget SECONDS]
 
 The turbofx contestant is a tiny nn.Module whose forward calls ``torch.ops.turbofx.attention``,
-compiled with ``turbofx.compile`` for each shape: the timed call is the compiled module, so the
-real runtime path (CompiledModule -> Program -> ``_attention_runner`` -> Triton) is measured.
+compiled with ``turbofx.compile(..., cudagraphs=False)`` for each shape: the timed call is the compiled
+module (CompiledModule -> Program -> ``_attention_runner`` -> Triton), captured inside this script's own
+CUDA graph like the SDPA calls. turbofx's own graph replay is off on purpose: it copies q/k/v into
+static buffers and clones the output on every call, which at decode (4,096 keys) is about twice the
+kernel's own traffic and would cap the measured rate far below the kernel's (benchmarks/decode_step.py
+times the same way).
 
 Workloads (bf16, 32 query heads, 8 KV heads: GQA groups of 4, scale 1/sqrt(D))
   prefill  causal, Sq = Sk = S, batch 4, S in 1024/2048/4096, head dim 64 and 128
@@ -111,7 +115,8 @@ class _TurbofxAttention(torch.nn.Module):
 
 
 def build_turbofx(w: dict, example: tuple, rep: dict):
-    cm = turbofx.compile(_TurbofxAttention(w["scale"], w["causal"]), example)
+    # the kernel itself, not turbofx's graph runner (its static-input copies would be timed too)
+    cm = turbofx.compile(_TurbofxAttention(w["scale"], w["causal"]), example, cudagraphs=False)
     report = turbofx.explain(cm)
     kinds = [k.kind for k in report.kernels]
     rep["target"], rep["kv"] = report.target, "gqa"  # the kernel reads each shared KV head directly

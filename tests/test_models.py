@@ -5,6 +5,8 @@ interpreter when there is no GPU, so shapes stay tiny.
 """
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 
 import pytest
@@ -190,8 +192,9 @@ def test_llama_fp16():
     out = compiled(*args, **kwargs)
     assert out.logits.dtype == torch.float16
     assert_model_close(ref16, out, rtol=1e-2, atol=1e-2)
-    # the kernels compute in fp32: the result is also close to the fp32 model (same seed, same weights)
-    ref32 = _eager(make_tiny_model("llama"), args, kwargs)
+    # the kernels compute in fp32: the result is also close to the same fp16 weights run in fp32 (a
+    # fresh fp32 model is not the same weights on every transformers version: 5.17 initialises differently)
+    ref32 = _eager(copy.deepcopy(model).float(), args, kwargs)
     torch.testing.assert_close(out.logits.float(), ref32.logits, rtol=1e-2, atol=1e-2)
     assert out.logits.isfinite().all()
     assert any(k.label == "rmsnorm" for k in turbofx.explain(compiled).generated)

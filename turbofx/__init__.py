@@ -7,14 +7,17 @@ import sys as _sys
 
 def _prepare_interpreter() -> None:
     """Without a GPU, Triton kernels run in Triton's interpreter, which must be switched on before
-    triton is first imported (its standard library is built then)."""
+    triton is first imported (its standard library is built then). Never raises: torch imports
+    turbofx through its backend registry; a bad ``TURBOFX_TARGET`` is refused when a target is chosen."""
     if "triton" in _sys.modules or _os.environ.get("TRITON_INTERPRET"):
         return
-    forced = _os.environ.get("TURBOFX_TARGET", "").lower()
-    if forced.startswith("cpu"):
+    forced = _os.environ.get("TURBOFX_TARGET", "").strip().lower()
+    if forced in ("cpu", "cpu-interpret", "interpret"):
         _os.environ["TRITON_INTERPRET"] = "1"
         return
-    if forced in ("cuda", "hip"):
+    if forced in ("cuda", "hip") or forced.startswith(("cuda:", "hip:")):
+        # a GPU, or an architecture named for offline compiles: kernels are compiled by real
+        # Triton, which the interpreter would replace
         return
     import torch
 

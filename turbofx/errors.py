@@ -44,3 +44,7 @@ class TurbofxInternalError(TurbofxError):
 
 class BisectError(TurbofxError):
     """``turbofx bisect`` could not run (e.g. the model is not compiled wrongly to begin with)."""
+
+
+class TargetError(TurbofxError, ValueError):
+    """An unknown target name, or a target this machine cannot provide (a GPU target without a GPU)."""

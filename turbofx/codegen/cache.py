@@ -37,4 +37,7 @@ def kernel_path(name: str, source: str, target: Target) -> Path:
 
 
 def load(name: str, source: str, target: Target) -> Callable:
+    if target.offline:  # generated for a GPU this machine lacks: written to the cache, never launched
+        kernel_path(name, source, target)
+        return target.unrunnable(name)
     return load_kernel(kernel_path(name, source, target), name, target.interpret)

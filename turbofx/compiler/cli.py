@@ -260,13 +260,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
+    from turbofx.codegen.target import cli_target
+
     p = argparse.ArgumentParser(prog="turbofx", description="Graph-level compiler for transformer models.")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="compile a model and write a self-contained artifact")
     e.add_argument("model", nargs="?", default="smollm2", help="smollm2 | llama | qwen2 | ... | pkg.module:factory")
     _flag(e, "--output-dir", required=True)
     _flag(e, "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    _flag(e, "--target", default=None)
+    _flag(e, "--target", default=None, type=cli_target, help="cpu | cuda | hip | cuda:smNN | hip:gfxNNN")
     _flag(e, "--kind", default="auto", choices=["auto", "generation", "forward"],
           help="generation: prefill + decode over a KV cache (default for causal LMs); forward: one program")
     _flag(e, "--max-cache-len", type=int, default=256)
@@ -279,12 +281,12 @@ def _main(argv: list[str] | None = None) -> int:
     _flag(d, "--prompt", default=DEFAULT_PROMPT)
     _flag(d, "--max-new-tokens", type=int, default=12)
     _flag(d, "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    _flag(d, "--target", default=None)
+    _flag(d, "--target", default=None, type=cli_target, help="cpu | cuda | hip")
     _flag(d, "--json", default=None)
     b = sub.add_parser("bisect", help="find the rewrite that makes the compiled model differ from eager")
     b.add_argument("model", help="smollm2 | llama | qwen2 | ... | pkg.module:factory")
     _flag(b, "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    _flag(b, "--target", default=None)
+    _flag(b, "--target", default=None, type=cli_target, help="cpu | cuda | hip | cuda:smNN | hip:gfxNNN")
     _flag(b, "--seq", type=int, default=8, help="prompt tokens to run on")
     _flag(b, "--prompt", default=DEFAULT_PROMPT)
     sub.add_parser("doctor", help="versions, target and GPU")
