@@ -205,7 +205,8 @@ class _Engine:
     def program(self, kind: str, decoder: StaticDecoder, args: tuple):
         from turbofx.compiler.driver import compile as tfx_compile
 
-        key = (kind, id(decoder)) + tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+        # shapes, then every input's dtype and device (an int32 or bf16 input is another program)
+        key = (kind, id(decoder), *(tuple(a.shape) for a in args), tuple((a.dtype, a.device) for a in args))
         if key not in self.programs:
             log.info("compiling the %s step for shapes %s", kind, [tuple(a.shape) for a in args])
             self.programs[key] = tfx_compile(decoder, args, **self.options)
