@@ -30,11 +30,13 @@ def llama():
     return make_tiny_model("llama")
 
 
-@pytest.mark.parametrize("kw", [dict(multi_query=True), dict(new_decoder_architecture=True, num_kv_heads=2)])
-def test_falcon_cache_geometry_comes_from_the_model(kw):
+@pytest.mark.parametrize("kw, compile", [(dict(multi_query=True), True),
+                                         (dict(new_decoder_architecture=True, num_kv_heads=2), False)])
+def test_falcon_cache_geometry_comes_from_the_model(kw, compile):
     """Falcon's multi-query attention caches 1 KV head and its config has no num_key_value_heads
     (guessing from config fields allocated 4 heads and crashed); the new decoder architecture
-    caches one per query head. Both equal HF eager greedy generation."""
+    caches one per query head. Both equal HF eager greedy generation (the second runs the same
+    StaticDecoder eagerly, to keep the file fast)."""
     from transformers import FalconConfig, FalconForCausalLM
 
     config = FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -42,7 +44,7 @@ def test_falcon_cache_geometry_comes_from_the_model(kw):
     torch.manual_seed(0)
     model = FalconForCausalLM(config).eval()
     ids = _ids(1, 6)
-    out = turbofx.generate(model, ids, 4)
+    out = turbofx.generate(model, ids, 4, compile=compile)
     assert torch.equal(out.sequences, _hf(model, ids, 4)), out.sequences
 
 
