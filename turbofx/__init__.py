@@ -27,8 +27,8 @@ def _prepare_interpreter() -> None:
 
 _prepare_interpreter()
 
-from turbofx.errors import (ArtifactError, CaptureError, InputMismatchError, ModelLoadError,  # noqa: F401
-                            TurbofxError)
+from turbofx.errors import (ArtifactError, CaptureError, GenerationError, InputMismatchError,  # noqa: F401
+                            ModelLoadError, TurbofxError)
 
 __version__ = "0.1.0"
 

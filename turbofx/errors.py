@@ -14,6 +14,10 @@ class InputMismatchError(TurbofxError, TypeError):
     """A compiled model was called with inputs unlike the ones it was compiled for."""
 
 
+class GenerationError(TurbofxError, ValueError):
+    """turbofx.generate was given a model or arguments it cannot generate with."""
+
+
 class ArtifactError(TurbofxError):
     """An exported artifact is missing, corrupt, or was made by incompatible versions."""
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 import weakref
 from dataclasses import dataclass, field
 
 import torch
+
+from turbofx.errors import GenerationError
 
 log = logging.getLogger("turbofx.generate")
 _CACHE_KEYS = ("key_cache_", "value_cache_", "cumulative_length_")  # StaticDecoder's buffer names
@@ -33,18 +36,46 @@ class StaticDecoder(torch.nn.Module):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
         _full_length_layers(self.cache, max_cache_len)
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        device = next(model.parameters()).device
-        self.cache.early_initialization(batch_size, heads, head_dim, model.dtype, device)
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.pass_cache_position = "cache_position" in params
+        self._allocate_by_probe(batch_size)
         for i, layer in enumerate(self.cache.layers):
             self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
             self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
             if hasattr(layer, "cumulative_length"):  # transformers >= 5.24 tracks the length itself
                 self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
-        params = inspect.signature(model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.pass_cache_position = "cache_position" in params
+        self.reset()
+
+    def _allocate_by_probe(self, batch_size: int) -> None:
+        """Let every cache layer allocate itself from one eager one-token step, as HF's StaticCache
+        does lazily: each layer then holds exactly the key/value heads, head sizes, dtype and device
+        the model's attention writes. Config fields guess these differently per architecture
+        (falcon's multi-query attention keeps 1 KV head and has no ``num_key_value_heads``)."""
+        name = type(self.model).__name__
+        ids = torch.zeros((batch_size, 1), dtype=torch.long, device=_device_of(self.model))
+        try:
+            with torch.no_grad():
+                out = self._run(ids, torch.arange(1, device=ids.device), None, torch.zeros_like(ids))
+        except Exception as e:
+            raise GenerationError(
+                f"{name} could not run one step with transformers' StaticCache ({type(e).__name__}: "
+                f"{str(e)[:500]}); turbofx.generate needs a causal LM that supports a static KV cache "
+                "(model.generate(..., cache_implementation='static') should work with it)") from e
+        if getattr(out, "logits", None) is None:
+            raise GenerationError(f"{name} returned no logits: turbofx.generate needs a causal LM "
+                                  "(e.g. AutoModelForCausalLM), not a base model or encoder")
+        empty = [i for i, layer in enumerate(self.cache.layers) if getattr(layer, "keys", None) is None]
+        if empty:
+            raise GenerationError(f"{name} wrote no keys/values into layers {empty} of the static KV cache; "
+                                  "turbofx.generate cannot cache this architecture (use model.generate)")
+
+    def _run(self, input_ids, cache_position, attention_mask, position_ids):
+        kwargs = {self.cache_kw: self.cache, "use_cache": True, "attention_mask": attention_mask,
+                  "position_ids": position_ids}
+        if self.pass_cache_position:
+            kwargs["cache_position"] = cache_position
+        return self.model(input_ids=input_ids, **kwargs)
 
     def reset(self) -> None:
         """Empty the cache (through the buffers: after a capture the layers may hold traced ones)."""
@@ -61,12 +92,13 @@ class StaticDecoder(torch.nn.Module):
             if hasattr(layer, "cumulative_length"):
                 layer.cumulative_length = getattr(self, f"cumulative_length_{i}")
                 layer.cumulative_length.copy_(cache_position[0])
-        kwargs = {self.cache_kw: self.cache, "use_cache": True, "attention_mask": attention_mask,
-                  "position_ids": position_ids}
-        if self.pass_cache_position:
-            kwargs["cache_position"] = cache_position
-        out = self.model(input_ids=input_ids, **kwargs)
+        out = self._run(input_ids, cache_position, attention_mask, position_ids)
         return out.logits[:, -1, :].clone()  # a view of an intermediate would not export
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    t = next(model.parameters(), None)
+    return t.device if t is not None else torch.device("cpu")
 
 
 def _full_length_layers(cache, max_cache_len: int) -> None:
@@ -84,8 +116,8 @@ def _full_length_layers(cache, max_cache_len: int) -> None:
 
 @dataclass
 class GenerateResult:
-    sequences: torch.Tensor  # [B, prompt + new] (left padding kept)
-    new_tokens: torch.Tensor  # [B, new]
+    sequences: torch.Tensor  # [B, prompt + new] (left padding kept), int64
+    new_tokens: torch.Tensor  # [B, new], int64
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     compile_seconds: float = 0.0
@@ -100,9 +132,11 @@ class GenerateResult:
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
           generator: torch.Generator | None) -> torch.Tensor:
+    """The next token per row: argmax, or a sample (temperature > 0, top_k >= 0, 0 < top_p <= 1 were
+    checked by generate)."""
     if not do_sample:
         return logits.argmax(-1)
-    logits = logits.float() / max(temperature, 1e-5)
+    logits = logits.float() / temperature
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -116,29 +150,51 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int,
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-def next_bucket(n: int, buckets: list[int] | None, multiple: int = 1) -> int:
-    """The smallest declared bucket holding ``n`` (default: next power of two / multiple)."""
+def next_bucket(n: int, buckets: list[int] | None, multiple: int = 1, what: str = "size",
+                option: str = "buckets") -> int:
+    """The smallest declared bucket holding ``n`` (default: next power of two / multiple).
+    ``what`` and ``option`` name the quantity and the argument in errors."""
     if buckets:
         fits = [x for x in sorted(buckets) if x >= n]
         if not fits:
-            from turbofx.errors import TurbofxError
-
-            raise TurbofxError(f"{n} is larger than every declared bucket {sorted(buckets)}")
+            raise GenerationError(f"{what} {n} is larger than every declared bucket {sorted(buckets)}: "
+                                  f"add a bucket >= {n} to {option}")
         return fits[0]
     if multiple > 1:
         return -(-n // multiple) * multiple
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _placement(model: torch.nn.Module) -> tuple:
+    """What compiled programs of ``model`` depend on beyond input shapes: which tensor objects hold
+    the weights and their dtype/device. Programs read the parameters live (in-place updates such as
+    load_state_dict are seen); a dtype/device conversion or a replaced parameter is not."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return tuple((name, id(t), t.dtype, t.device) for name, t in tensors)
+
+
 class _Engine:
     """Compiled programs of one model, reused across generate calls: a StaticDecoder (cache) per
-    (batch bucket, cache length), a prefill program per prompt bucket, one decode step each."""
+    (batch bucket, cache length), a prefill program per prompt bucket, one decode step each. All
+    of them belong to one placement of the model's weights (see ``_placement``)."""
 
     def __init__(self, model: torch.nn.Module, options: dict):
         self.model = model
         self.options = options
+        self.placement: tuple | None = None
         self.decoders: dict[tuple, StaticDecoder] = {}
         self.programs: dict[tuple, object] = {}
+
+    def follow_model(self) -> None:
+        """Drop caches and programs built for weights the model no longer has (after model.half(),
+        model.to(device) or a replaced parameter): they would read wrong-typed or stale tensors."""
+        now = _placement(self.model)
+        if now != self.placement:
+            if self.placement is not None:
+                log.info("%s's weights changed dtype, device or identity: recompiling", type(self.model).__name__)
+            self.decoders.clear()
+            self.programs.clear()
+            self.placement = now
 
     def decoder(self, batch: int, cache_len: int) -> StaticDecoder:
         key = (batch, cache_len)
@@ -149,7 +205,8 @@ class _Engine:
     def program(self, kind: str, decoder: StaticDecoder, args: tuple):
         from turbofx.compiler.driver import compile as tfx_compile
 
-        key = (kind, id(decoder)) + tuple(tuple(a.shape) for a in args)
+        # shapes, then every input's dtype and device (an int32 or bf16 input is another program)
+        key = (kind, id(decoder), *(tuple(a.shape) for a in args), tuple((a.dtype, a.device) for a in args))
         if key not in self.programs:
             log.info("compiling the %s step for shapes %s", kind, [tuple(a.shape) for a in args])
             self.programs[key] = tfx_compile(decoder, args, **self.options)
@@ -167,6 +224,120 @@ def _engine(model: torch.nn.Module, options: dict) -> _Engine:
     return per_model[key]
 
 
+# -- argument checks: each misuse is one GenerationError saying what to pass instead ------------
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
+        raise GenerationError(
+            f"turbofx.generate takes a Hugging Face causal LM (e.g. AutoModelForCausalLM.from_pretrained(...)), "
+            f"got a {type(model).__name__} without a .config; for other modules use turbofx.compile")
+
+
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    """Rows of the input embedding (what an id indexes), else the config's vocab_size."""
+    try:
+        emb = model.get_input_embeddings()
+        if isinstance(getattr(emb, "num_embeddings", None), int):
+            return emb.num_embeddings
+    except Exception:  # not every model implements it; the config is the fallback
+        pass
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    size = getattr(config, "vocab_size", None)
+    return size if _is_int(size) else None
+
+
+def _token_ids(input_ids, model: torch.nn.Module, vocab: int | None) -> torch.Tensor:
+    """input_ids as an int64 [batch, seq] tensor on the model's device, every id in the vocabulary
+    (an id outside it would be read out of bounds by the compiled embedding)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise GenerationError(f"input_ids must be a torch tensor [batch, seq], got {type(input_ids).__name__} "
+                              "(e.g. torch.tensor([ids]) or tokenizer(..., return_tensors='pt').input_ids)")
+    if input_ids.dim() != 2:
+        raise GenerationError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}"
+                              + ("; pass ids[None] for one sequence" if input_ids.dim() == 1 else ""))
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise GenerationError(f"input_ids must hold integer token ids, got {input_ids.dtype} "
+                              "(token ids from a tokenizer, not embeddings or logits)")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise GenerationError(f"input_ids is empty (shape {list(input_ids.shape)}): pass at least one token per "
+                              "sequence, e.g. the tokenizer's bos_token_id")
+    device = _device_of(model)
+    if input_ids.device != device:
+        raise GenerationError(f"input_ids are on {input_ids.device} but the model is on {device}: "
+                              f"pass input_ids.to('{device}')")
+    ids = input_ids.long()  # lossless from every integer dtype; the programs take int64 like HF
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise GenerationError(f"input_ids hold ids from {lo} to {hi}, outside the vocabulary "
+                              f"(0..{vocab - 1 if vocab is not None else '?'}): wrong tokenizer for this model?")
+    return ids
+
+
+def _prompt_mask(attention_mask, ids: torch.Tensor) -> torch.Tensor:
+    """The attention mask as int64 0/1, checked: ids' shape and device, left padding only, at least
+    one token per row."""
+    if attention_mask is None:
+        return torch.ones_like(ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != ids.shape:
+        got = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise GenerationError(f"attention_mask must be a tensor shaped like input_ids {list(ids.shape)}, got {got}")
+    if attention_mask.device != ids.device:
+        raise GenerationError(f"attention_mask is on {attention_mask.device}, input_ids on {ids.device}: "
+                              "put them on the same device")
+    if attention_mask.dtype.is_complex or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise GenerationError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = attention_mask.long()
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise GenerationError("attention_mask must pad on the left only (0s before 1s): "
+                              "use tokenizer.padding_side = 'left'")
+    empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise GenerationError(f"attention_mask rows {empty} have no tokens (all 0): give each sequence at least one")
+    return mask
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise GenerationError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_sampling(do_sample, temperature, top_k, top_p, seed) -> None:
+    if not isinstance(do_sample, bool):
+        raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0 or (do_sample and temperature == 0):
+        raise GenerationError(f"temperature must be a number > 0, got {temperature!r}"
+                              + (" (for greedy decoding pass do_sample=False)" if do_sample else ""))
+    if not _is_int(top_k) or top_k < 0:
+        raise GenerationError(f"top_k must be an int >= 0 (0 = no top-k filter), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p!r}")
+    if seed is not None and not _is_int(seed):
+        raise GenerationError(f"seed must be an int or None, got {seed!r}")
+
+
+def _token_set(value, name: str, vocab: int | None) -> set[int]:
+    """eos_token_id as a set of ids: None, an id, a list/tuple/set of ids or an integer tensor."""
+    if isinstance(value, torch.Tensor) and not value.dtype.is_floating_point and value.dim() <= 1:
+        value = value.tolist()
+    items = [] if value is None else [value] if _is_int(value) else value
+    if not isinstance(items, (list, tuple, set)) or not all(_is_int(x) for x in items):
+        raise GenerationError(f"{name} must be a token id (int) or a list of them, got {value!r}")
+    bad = [x for x in items if x < 0 or (vocab is not None and x >= vocab)]
+    if bad:
+        raise GenerationError(f"{name} {bad} outside the vocabulary (0..{vocab - 1 if vocab else '?'})")
+    return set(items)
+
+
+def _check_buckets(buckets, name: str) -> None:
+    if buckets is not None and (not isinstance(buckets, (list, tuple)) or not all(_is_int(x) and x > 0 for x in buckets)):
+        raise GenerationError(f"{name} must be a list of positive ints, got {buckets!r}")
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32,
              attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
@@ -176,38 +347,61 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
              **options) -> GenerateResult:
     """Generate with a static KV cache; prefill and the decode step run as turbofx programs.
 
-    ``attention_mask`` (1 = token, 0 = left padding) enables batches of different lengths.
+    ``input_ids`` is an integer [batch, seq] tensor (a 1-D tensor is refused: pass ``ids[None]``);
+    int32 and other integer dtypes are converted to int64, and the results are int64 like HF's.
+    ``attention_mask`` (1 = token, 0 = left padding; int, bool or float 0/1) enables batches of
+    different lengths.
     Shapes go to buckets so programs are reused: the batch is padded to the next batch bucket
     (default powers of two) with copies of the first row, the prompt is left-padded to the next
-    sequence bucket (default multiples of 16), the cache to a multiple of 64. Compiled programs
-    are kept per model for later calls. ``compile=False`` runs the same loop eagerly (the
-    reference the compiled path must equal).
+    sequence bucket (default multiples of 16), the cache to a multiple of 64; an explicit
+    ``max_cache_len`` must hold the prompt bucket plus ``max_new_tokens``. Compiled programs
+    are kept per model for later calls; they read the model's parameters live (load_state_dict
+    is seen) and are rebuilt after a dtype/device change. ``max_new_tokens=0`` returns no new
+    tokens without compiling. ``compile=False`` runs the same loop eagerly (the reference the
+    compiled path must equal). Misuse raises ``GenerationError`` saying what to pass instead.
     """
-    b, s = input_ids.shape
-    device = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape or bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
-        from turbofx.errors import TurbofxError
-
-        raise TurbofxError("attention_mask must match input_ids and pad on the left only (0s before 1s)")
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    _check_model(model)
+    vocab = _vocab_size(model)
+    ids = _token_ids(input_ids, model, vocab)
+    mask = _prompt_mask(attention_mask, ids)
+    _check_count("max_new_tokens", max_new_tokens, 0)
+    _check_sampling(do_sample, temperature, top_k, top_p, seed)
+    eos = _token_set(eos_token_id, "eos_token_id", vocab)
+    if pad_token_id is not None and not _is_int(pad_token_id):
+        raise GenerationError(f"pad_token_id must be one token id (int), got {pad_token_id!r}")
     pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    _token_set(pad, "pad_token_id", vocab)  # in the vocabulary: pad slots are embedded too
+    _check_buckets(batch_buckets, "batch_buckets")
+    _check_buckets(seq_buckets, "seq_buckets")
+    if max_cache_len is not None:
+        _check_count("max_cache_len", max_cache_len, 1)
+    if max_new_tokens == 0:
+        return GenerateResult(ids.clone(), ids[:, :0].clone())
 
-    bp, sp = next_bucket(b, batch_buckets), next_bucket(s, seq_buckets, multiple=16)
-    cache_len = max_cache_len or next_bucket(sp + max_new_tokens, None, multiple=64)
-    ids = torch.full((bp, sp), pad, dtype=input_ids.dtype, device=device)
-    mask = torch.zeros((bp, sp), dtype=attention_mask.dtype, device=device)
-    ids[:b, sp - s:], mask[:b, sp - s:] = input_ids, attention_mask
-    ids[b:], mask[b:] = ids[0], mask[0]  # batch padding: copies of the first row, dropped at the end
+    b, s = ids.shape
+    device = ids.device
+    bp = next_bucket(b, batch_buckets, what="batch size", option="batch_buckets")
+    sp = next_bucket(s, seq_buckets, multiple=16, what="prompt length", option="seq_buckets")
+    need = sp + max_new_tokens
+    if max_cache_len is not None and need > max_cache_len:
+        # the compiled cache write has no bounds check: positions past the cache would be lost
+        raise GenerationError(
+            f"max_cache_len={max_cache_len} is too short: a prompt of {s} tokens runs as a bucket of {sp}, "
+            f"plus max_new_tokens={max_new_tokens} needs {need} cache positions; pass max_cache_len={need} "
+            "or more, or leave it unset to size the cache automatically")
+    cache_len = max_cache_len or next_bucket(need, None, multiple=64)
+    padded = torch.full((bp, sp), pad, dtype=torch.long, device=device)
+    padded_mask = torch.zeros((bp, sp), dtype=torch.long, device=device)
+    padded[:b, sp - s:], padded_mask[:b, sp - s:] = ids, mask
+    padded[b:], padded_mask[b:] = padded[0], padded_mask[0]  # batch padding: copies of the first row, dropped at the end
 
     engine = _engine(model, options)
+    engine.follow_model()
     decoder = engine.decoder(bp, cache_len)
     decoder.reset()
-    prefill_args = prompt_inputs(ids, mask, cache_len)
+    prefill_args = prompt_inputs(padded, padded_mask, cache_len)
     _, cache_pos, step_mask, positions = prefill_args
-    decode_args = (ids[:, :1], cache_pos[:1] + sp, step_mask, positions[:, -1:] + 1)
+    decode_args = (padded[:, :1], cache_pos[:1] + sp, step_mask, positions[:, -1:] + 1)
 
     t0 = time.perf_counter()
     reports = {}
@@ -219,9 +413,10 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
         prefill = decode = decoder
     compile_s = time.perf_counter() - t0
 
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     res = decode_loop(prefill, decode, prefill_args, b, max_new_tokens, do_sample, temperature, top_k, top_p,
                       generator, eos, pad)
-    res.sequences = torch.cat([input_ids, res.new_tokens], dim=1)
+    res.sequences = torch.cat([ids, res.new_tokens], dim=1)
     res.compile_seconds, res.reports = compile_s, reports
     return res
 
@@ -229,10 +424,14 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
 def decode_loop(prefill, decode, prefill_args: tuple, b: int, max_new_tokens: int, do_sample: bool = False,
                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None,
                 eos: set | None = None, pad: int = 0) -> GenerateResult:
-    """Prefill once, then one decode step per token over the static cache (rows ≥ b are padding)."""
+    """Prefill once, then one decode step per token over the static cache (rows ≥ b are padding).
+    ``max_new_tokens`` <= 0 runs nothing and returns [b, 0] new tokens."""
     ids, cache_pos, step_mask, positions = prefill_args
     bp, sp = ids.shape
     device = ids.device
+    if max_new_tokens <= 0:
+        new = torch.zeros((b, 0), dtype=torch.long, device=device)
+        return GenerateResult(new, new)
     t1 = time.perf_counter()
     logits = prefill(*prefill_args)
     prefill_s = time.perf_counter() - t1
@@ -264,7 +463,6 @@ def prompt_inputs(ids: torch.Tensor, mask: torch.Tensor, cache_len: int) -> tupl
     step_mask[:, :sp] = mask  # slots after the prompt: hidden by causality until written
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, torch.arange(sp, device=ids.device), step_mask, positions
-
 
 
 def export_generation(model: torch.nn.Module, example_ids: torch.Tensor, output_dir, max_cache_len: int = 256,
