@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from turbofx.codegen import indexing as ix
-from turbofx.codegen.ops import POINTWISE, REDUCTIONS, TL_DTYPE, compute_dtype, literal
+from turbofx.codegen.ops import POINTWISE, REDUCTIONS, TL_DTYPE, compute_dtype, literal, round_to_dtype
 from turbofx.codegen.region import Region
 
 
@@ -221,19 +221,20 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
         if n.target in REDUCTIONS:
             return reduce_looped(scope, n) if looped else reduce_persistent(scope, n)
         args = [arg_code(scope, n, a) for a in n.args]
-        return w.tmp_at(scope.indent, POINTWISE[n.target](n, args, dict(n.kwargs)))
+        return w.tmp_at(scope.indent, round_to_dtype(n, POINTWISE[n.target](n, args, dict(n.kwargs))))
 
     def reduce_persistent(scope: _Scope, n: fx.Node) -> str:
         kind = REDUCTIONS[n.target]
-        x = f"tl.broadcast_to({arg_code(scope, n, n.args[0])}, [XBLOCK, RBLOCK])"
+        # accumulate in the result's type: eager sums int32/bool into int64
+        x = f"tl.broadcast_to(({arg_code(scope, n, n.args[0])}).to({compute_dtype(n.meta['val'].dtype)}), [XBLOCK, RBLOCK])"
         if kind in ("sum", "mean"):
             code = f"tl.sum(tl.where(xmask & rmask, {x}, 0), 1)[:, None]"
             if kind == "mean":
                 code = f"({code} / {ix.pyexpr(rnumel)})"
         else:
             fill = "float('-inf')" if kind == "max" else "float('inf')"
-            code = f"tl.{kind}(tl.where(xmask & rmask, {x}, {fill}), 1)[:, None]"
-        return w.tmp_at(scope.indent, f"({code}).to({compute_dtype(n.meta['val'].dtype)})")
+            code = _nan_row_extreme(w, scope.indent, kind, f"tl.where(xmask & rmask, {x}, {fill})")
+        return w.tmp_at(scope.indent, round_to_dtype(n, f"({code}).to({compute_dtype(n.meta['val'].dtype)})"))
 
     def row_deps(nodes) -> list[fx.Node]:
         """Row values the full-valued computation of ``nodes`` reads (computed before a loop)."""
@@ -281,19 +282,21 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
             w.line(scope.indent, f"{acc} = tl.full([XBLOCK, RBLOCK], {init}, {dt})")
         body = open_loop(scope)
         reader = pair[1] if pair else n  # the reduction whose input load indexes the full row
-        x = f"tl.broadcast_to({arg_code(body, reader, src)}, [XBLOCK, RBLOCK])"
+        x = f"tl.broadcast_to(({arg_code(body, reader, src)}).to({dt}), [XBLOCK, RBLOCK])"
         if pair:  # running per-lane max and rescaled sum of exp
             xv, mn = w.fresh(), w.fresh()
             w.line(body.indent, f"{xv} = tl.where(xmask & rmask, {x}, float('-inf'))")
-            w.line(body.indent, f"{mn} = tl.maximum({m}, {xv})")
+            w.line(body.indent, f"{mn} = tl.maximum({m}, {xv}, propagate_nan=tl.PropagateNan.ALL)")
             w.line(body.indent, f"{sacc} = {sacc} * tl.exp(tl.where({mn} == float('-inf'), 0.0, {m} - {mn})) + "
                                 f"tl.where({mn} == float('-inf'), 0.0, tl.exp({xv} - {mn}))")
             w.line(body.indent, f"{m} = {mn}")
             amax = pair[1]
-            top = w.tmp_at(scope.indent, f"tl.max({m}, 1)[:, None]")
-            scope.values[amax] = w.tmp_at(scope.indent, f"({top}).to({compute_dtype(amax.meta['val'].dtype)})")
+            top = w.tmp_at(scope.indent, _nan_row_extreme(w, scope.indent, "max", m))
+            scope.values[amax] = w.tmp_at(scope.indent, round_to_dtype(amax, f"({top}).to({compute_dtype(amax.meta['val'].dtype)})"))
             total = f"tl.sum(tl.where({m} == float('-inf'), 0.0, {sacc} * tl.exp({m} - {top})), 1)[:, None]"
-            return w.tmp_at(scope.indent, f"({total}).to({dt})")
+            # a row that is all -inf: eager's exp(x - max) is exp(-inf - -inf) = NaN, so is its sum
+            total = f"tl.where({top} == float('-inf'), float('nan'), {total})"
+            return w.tmp_at(scope.indent, round_to_dtype(n, f"({total}).to({dt})"))
         if kind in ("sum", "mean"):
             w.line(body.indent, f"{acc} = {acc} + tl.where(xmask & rmask, {x}, 0)")
             code = f"tl.sum({acc}, 1)[:, None]"
@@ -301,9 +304,10 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
                 code = f"({code} / {ix.pyexpr(rnumel)})"
         else:
             fill = "float('-inf')" if kind == "max" else "float('inf')"
-            w.line(body.indent, f"{acc} = tl.{kind}imum({acc}, tl.where(xmask & rmask, {x}, {fill}))")
-            code = f"tl.{kind}({acc}, 1)[:, None]"
-        return w.tmp_at(scope.indent, f"({code}).to({dt})")
+            w.line(body.indent, f"{acc} = tl.{kind}imum({acc}, tl.where(xmask & rmask, {x}, {fill}), "
+                                f"propagate_nan=tl.PropagateNan.ALL)")
+            code = _nan_row_extreme(w, scope.indent, kind, acc)
+        return w.tmp_at(scope.indent, round_to_dtype(n, f"({code}).to({dt})"))
 
     def store(scope: _Scope, ptr: str, off, o: fx.Node) -> None:
         is_row = red and region.is_row(o)
@@ -366,6 +370,16 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
         inputs=list(bases.keys()), outputs=outputs, size_args=size_syms,
         xnumel=xnumel, rnumel=rnumel, looped=looped,
     )
+
+
+def _nan_row_extreme(w: _Writer, indent: int, kind: str, tile: str) -> str:
+    """The row max/min of ``tile`` ([XBLOCK, RBLOCK], masked lanes already filled with -inf/inf),
+    NaN when the row holds a NaN, as torch.amax/amin. Triton's tl.max/tl.min drop NaN (on GPUs
+    max.f32 returns the other operand), so NaN presence is reduced separately."""
+    t = w.tmp_at(indent, tile)
+    extreme = w.tmp_at(indent, f"tl.{kind}({t}, 1)[:, None]")
+    has_nan = w.tmp_at(indent, f"tl.max(({t} != {t}).to(tl.int32), 1)[:, None]")
+    return f"tl.where({has_nan} > 0, float('nan'), {extreme})"
 
 
 def _cat_pieces(n: fx.Node):
