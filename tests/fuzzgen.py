@@ -25,7 +25,9 @@ UNARY = ["exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "relu", "neg", "abs",
 BINARY = ["add", "sub", "mul", "div", "maximum", "minimum", "where_gt"]
 REDUCE = ["sum", "mean", "amax", "amin", "softmax", "log_softmax"]
 VIEWS = ["transpose", "permute", "slice", "flatten", "unsqueeze", "expand"]
-SPECIAL = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e4, -1e4]
+# -0.0 is left out: eager itself disagrees on its sign (CPU gelu(-0) is -0 for a scalar, +0 in a
+# vector), and 1/±0 then turns that into ±inf; tests/test_semantics.py checks -0 per op.
+SPECIAL = [float("nan"), float("inf"), float("-inf"), 0.0, 1e4, -1e4]
 
 
 @dataclass
@@ -167,9 +169,10 @@ def _view(op: str, x: torch.Tensor, k: int) -> torch.Tensor:
 class Program(torch.nn.Module):
     """Interprets a Case's steps; torch.export traces the ops it runs."""
 
-    def __init__(self, case: Case):
+    def __init__(self, case: Case, wide: bool = False):
         super().__init__()
         self.case = case
+        self.wide = wide  # float64 reference: casts round to their type and come back to float64
 
     def forward(self, *xs):
         vals = list(xs)
@@ -178,14 +181,14 @@ class Program(torch.nn.Module):
             if st[0] == "unary":
                 vals.append(_unary(st[1], x))
             elif st[0] == "binary":
-                cands = [v for v in vals[:-1] if _broadcastable(x, v) and v.dtype == x.dtype] or [x]
+                cands = [v for v in vals[:-1] if _broadcastable(x, v)] or [x]
                 vals.append(_binary(st[1], x, cands[st[3] % len(cands)]))
             elif st[0] == "reduce":
                 vals.append(_reduce(st[1], x, st[2], st[3], st[4]))
             elif st[0] == "view":
                 vals.append(_view(st[1], x, st[2]))
             else:
-                vals.append(x.to(st[1]))
+                vals.append(x.to(st[1]).double() if self.wide else x.to(st[1]))
         return tuple(vals[i] for i in self.case.outputs)
 
 
@@ -213,6 +216,8 @@ def run_case(case: Case) -> Outcome:
             ref = m(*xs)
     except Exception as e:  # noqa: BLE001 - invalid for eager too (e.g. amax of an empty dim)
         return Outcome("eager_error", f"{type(e).__name__}: {e}")
+    with torch.no_grad():
+        ref64 = Program(case, wide=True)(*(x.double() for x in xs))
     try:
         cm = turbofx.compile(m, xs, dynamic=case.dynamic)
         out = cm(*xs)
@@ -226,5 +231,20 @@ def run_case(case: Case) -> Outcome:
         try:
             torch.testing.assert_close(o, r, equal_nan=True, **tolerance(r.dtype))
         except AssertionError as e:
-            return Outcome("mismatch", f"output {k}: {e}\n eager={r}\n turbofx={o}", graphs=1)
+            if not _as_accurate_as_eager(o, r, ref64[k]):
+                return Outcome("mismatch", f"output {k}: {e}\n eager={r}\n turbofx={o}", graphs=1)
     return Outcome("ok", graphs=1)
+
+
+def _as_accurate_as_eager(out: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor) -> bool:
+    """Ill-conditioned graphs (rsqrt of a cancellation) magnify one-ulp differences past any fixed
+    tolerance: accept ``out`` where it is at most twice as far from the float64 result as eager is
+    (FlashAttention's rule), plus the dtype's tolerance. Non-finite values must agree exactly."""
+    o, e, r = out.double(), eager.double(), ref64.to(eager.dtype).double()
+    special = ~torch.isfinite(o) | ~torch.isfinite(e)
+    if not torch.equal(o[special].nan_to_num(), e[special].nan_to_num()) or not torch.equal(o[special].isnan(), e[special].isnan()):
+        return False
+    t = tolerance(eager.dtype)
+    fin = ~special & torch.isfinite(r)
+    bound = 2 * (e - r).abs() + t["atol"] + t["rtol"] * r.abs()
+    return bool(((o - r).abs()[fin] <= bound[fin]).all()) and bool((~special & ~torch.isfinite(r) & (o != e)).sum() == 0)

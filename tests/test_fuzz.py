@@ -43,3 +43,26 @@ def test_slice_of_symbolic_dim_prints_floor_division():
     o = run_case(_case((7, 7), "contiguous", [("unary", "shift", -1), ("view", "slice", 0), ("unary", "abs", -1)],
                        dynamic=True))
     assert o.status == "ok", o.detail
+
+
+def test_cat_with_constant_index_masks_with_a_tensor():
+    """softmax over an empty last dim pads with a -inf column (cat of an empty piece and a full);
+    the piece mask compared a constant index, a Python bool the interpreter refused as a mask."""
+    o = run_case(_case((1, 1, 0), "expanded", [("reduce", "softmax", -1, False, True), ("binary", "minimum", -1, 0)]))
+    assert o.status == "ok", o.detail
+    o = run_case(_case((1, 0, 1), "contiguous", [("reduce", "log_softmax", 1, True, False), ("reduce", "sum", 0, True, False)]))
+    assert o.status == "ok", o.detail
+
+
+def test_reshape_of_empty_tensor_in_a_kernel():
+    """A flatten of a (0, 5) value inside a pointwise kernel divided by a zero size product."""
+    o = run_case(_case((0, 5), "expanded", [("binary", "mul", -1, 0), ("view", "flatten", 0), ("view", "permute", 1),
+                                            ("binary", "where_gt", -1, 0)], dtype=torch.float16))
+    assert o.status == "ok", o.detail
+
+
+def test_tanh_keeps_the_sign_of_zero():
+    """tanh(-0) is -0 in eager (1/tanh(-0) = -inf); 2*sigmoid(2x) - 1 gave +0."""
+    o = run_case(_case((3,), "contiguous", [("unary", "tanh", -1), ("unary", "reciprocal", -1)],
+                       specials=[(0, -0.0), (1, 1e-3)]))
+    assert o.status == "ok", o.detail

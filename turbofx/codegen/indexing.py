@@ -145,6 +145,8 @@ def _smaller(a: sympy.Expr, b: sympy.Expr) -> bool:
 
 def reshape_index(idx: Sequence[sympy.Expr], src: Sequence[sympy.Expr], dst: Sequence[sympy.Expr]):
     """Map indices into ``dst`` (the view) to indices into ``src`` (its input)."""
+    if any(sympy.sympify(d) == 0 for d in list(src) + list(dst)):
+        return [sympy.Integer(0)] * len(src)  # no elements: nothing is read (and 0 divides no product)
     groups = _reshape_groups(list(src), list(dst))
     if groups is None:
         return None

@@ -129,7 +129,10 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
             idx = ix.broadcast_index(consumer_idx, ix.shape_of(a))
             base, bidx = ix.fold_views(a, idx, lambda v: v not in region.members)
             off = ix.offset(bidx, ix.strides_of(base))
-            is_row = rsym not in off.free_symbols if red else False
+            # a read that does not move along the row (stride 0) loads once per row, unless the
+            # row is empty: then the full-indexed read has no element at all (rmask must guard it)
+            empty_row = red and region.full[-1].is_Integer and int(region.full[-1]) == 0
+            is_row = red and rsym not in off.free_symbols and not (empty_row and rsym in consumer_idx)
             ptr = bases.setdefault(base, f"in{len(bases)}")
             key = (base, off, piece, n if piece else None)
             loads.setdefault(key, (ptr, off, is_row))
@@ -167,7 +170,7 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
         zero = "xzero" if (is_row or not red) else "fzero"
         mask = "xmask" if is_row else fmask
         if key[2] is not None:  # cat piece: only its span of the cat dim is loaded
-            cidx = ix.pyexpr(cat_exprs[key[3]])
+            cidx = f"(xzero + {ix.pyexpr(cat_exprs[key[3]])})"  # a tensor even when the index is constant
             mask = f"{mask} & ({cidx} >= {ix.pyexpr(key[2][0])}) & ({cidx} < {ix.pyexpr(key[2][1])})"
         code = f"tl.load({ptr} + ({zero} + {ix.pyexpr(off)}), {mask}, other=0)"
         dt = key[0].meta["val"].dtype
@@ -209,7 +212,7 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
 
     def emit(scope: _Scope, n: fx.Node) -> str:
         if n in cat_dims:  # select the piece whose span holds the index; others are masked loads
-            cidx = ix.pyexpr(cat_exprs[n])
+            cidx = f"(xzero + {ix.pyexpr(cat_exprs[n])})"
             spans = cat_dims[n][1]
             codes = [load_at(scope, node_access[(n, ("piece", k))]) for k in range(len(spans))]
             code = codes[-1]

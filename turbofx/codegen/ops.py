@@ -46,8 +46,14 @@ def _sigmoid(x: str) -> str:
 
 
 def _tanh(x: str) -> str:
-    # 2*sigmoid(2x) - 1: portable across CUDA, HIP and the interpreter (no libdevice).
-    return f"(2.0 / (1.0 + tl.exp(-2.0 * ({x}))) - 1.0)"
+    """tanh from tl.exp (portable across CUDA, HIP and the interpreter: no libdevice). Near 0 a
+    short odd series keeps the sign of -0 and avoids the cancellation of (1 - e) / (1 + e)."""
+    a = f"tl.abs({x})"
+    x2 = f"(({x}) * ({x}))"
+    series = f"(({x}) * (1.0 + {x2} * (-0.3333333333333333 + {x2} * (0.13333333333333333 + {x2} * -0.05396825396825397))))"
+    e = f"tl.exp(-2.0 * {a})"
+    big = f"((1.0 - {e}) / (1.0 + {e}))"
+    return f"tl.where({a} < 0.0625, {series}, tl.where(({x}) < 0, -{big}, {big}))"
 
 
 def _pow_scalar(x: str, e) -> str | None:
