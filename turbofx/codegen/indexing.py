@@ -145,6 +145,8 @@ def _smaller(a: sympy.Expr, b: sympy.Expr) -> bool:
 
 def reshape_index(idx: Sequence[sympy.Expr], src: Sequence[sympy.Expr], dst: Sequence[sympy.Expr]):
     """Map indices into ``dst`` (the view) to indices into ``src`` (its input)."""
+    if any(sympy.sympify(d) == 0 for d in list(src) + list(dst)):
+        return [sympy.Integer(0)] * len(src)  # no elements: nothing is read (and 0 divides no product)
     groups = _reshape_groups(list(src), list(dst))
     if groups is None:
         return None
@@ -332,10 +334,37 @@ def pyexpr(e: sympy.Expr) -> str:
         return f"({pyexpr(num)} // {pyexpr(den)})"
     if isinstance(e, sympy.Mod):
         return f"({pyexpr(e.args[0])} % {pyexpr(e.args[1])})"
+    torch_fn = _print_torch_sympy(e)
+    if torch_fn is not None:
+        return torch_fn
     if isinstance(e, (sympy.Max, sympy.Min)):
         fn = "max" if isinstance(e, sympy.Max) else "min"
         return f"{fn}({', '.join(pyexpr(a) for a in e.args)})"
     raise NotImplementedError(f"cannot print index expression {e} ({type(e).__name__})")
+
+
+def _print_torch_sympy(e: sympy.Expr) -> str | None:
+    """torch's own integer sympy functions (symbolic sizes of a slice, ``(s + 1) // 2``, or a
+    flatten of a symbolic dim carry them). Sizes and indices are non-negative, so Python's floor
+    division and modulo agree with them."""
+    import torch.utils._sympy.functions as tf
+
+    name = type(e).__name__
+    a = e.args
+    if name in ("FloorDiv", "CleanDiv"):
+        return f"({pyexpr(a[0])} // {pyexpr(a[1])})"
+    if name == "CeilDiv":
+        return f"(-(-{pyexpr(a[0])} // {pyexpr(a[1])}))"
+    if name in ("PythonMod", "Mod"):
+        return f"({pyexpr(a[0])} % {pyexpr(a[1])})"
+    if name == "ModularIndexing":
+        return f"(({pyexpr(a[0])} // {pyexpr(a[1])}) % {pyexpr(a[2])})"
+    if name == "PowByNatural" and a[1].is_Integer:
+        return "(" + " * ".join([pyexpr(a[0])] * int(a[1])) + ")" if int(a[1]) > 0 else "1"
+    if isinstance(e, (getattr(tf, "Max", ()), getattr(tf, "Min", ()))):
+        fn = "max" if "Max" in name else "min"
+        return f"{fn}({', '.join(pyexpr(x) for x in a)})"
+    return None
 
 
 def free_size_symbols(exprs) -> set[str]:

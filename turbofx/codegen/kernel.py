@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from turbofx.codegen import indexing as ix
-from turbofx.codegen.ops import POINTWISE, REDUCTIONS, TL_DTYPE, compute_dtype, literal
+from turbofx.codegen.ops import POINTWISE, REDUCTIONS, TL_DTYPE, compute_dtype, literal, round_to_dtype
 from turbofx.codegen.region import Region
 
 
@@ -129,7 +129,10 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
             idx = ix.broadcast_index(consumer_idx, ix.shape_of(a))
             base, bidx = ix.fold_views(a, idx, lambda v: v not in region.members)
             off = ix.offset(bidx, ix.strides_of(base))
-            is_row = rsym not in off.free_symbols if red else False
+            # a read that does not move along the row (stride 0) loads once per row, unless the
+            # row is empty: then the full-indexed read has no element at all (rmask must guard it)
+            empty_row = red and region.full[-1].is_Integer and int(region.full[-1]) == 0
+            is_row = red and rsym not in off.free_symbols and not (empty_row and rsym in consumer_idx)
             ptr = bases.setdefault(base, f"in{len(bases)}")
             key = (base, off, piece, n if piece else None)
             loads.setdefault(key, (ptr, off, is_row))
@@ -167,7 +170,7 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
         zero = "xzero" if (is_row or not red) else "fzero"
         mask = "xmask" if is_row else fmask
         if key[2] is not None:  # cat piece: only its span of the cat dim is loaded
-            cidx = ix.pyexpr(cat_exprs[key[3]])
+            cidx = f"(xzero + {ix.pyexpr(cat_exprs[key[3]])})"  # a tensor even when the index is constant
             mask = f"{mask} & ({cidx} >= {ix.pyexpr(key[2][0])}) & ({cidx} < {ix.pyexpr(key[2][1])})"
         code = f"tl.load({ptr} + ({zero} + {ix.pyexpr(off)}), {mask}, other=0)"
         dt = key[0].meta["val"].dtype
@@ -209,7 +212,7 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
 
     def emit(scope: _Scope, n: fx.Node) -> str:
         if n in cat_dims:  # select the piece whose span holds the index; others are masked loads
-            cidx = ix.pyexpr(cat_exprs[n])
+            cidx = f"(xzero + {ix.pyexpr(cat_exprs[n])})"
             spans = cat_dims[n][1]
             codes = [load_at(scope, node_access[(n, ("piece", k))]) for k in range(len(spans))]
             code = codes[-1]
@@ -221,19 +224,20 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
         if n.target in REDUCTIONS:
             return reduce_looped(scope, n) if looped else reduce_persistent(scope, n)
         args = [arg_code(scope, n, a) for a in n.args]
-        return w.tmp_at(scope.indent, POINTWISE[n.target](n, args, dict(n.kwargs)))
+        return w.tmp_at(scope.indent, round_to_dtype(n, POINTWISE[n.target](n, args, dict(n.kwargs))))
 
     def reduce_persistent(scope: _Scope, n: fx.Node) -> str:
         kind = REDUCTIONS[n.target]
-        x = f"tl.broadcast_to({arg_code(scope, n, n.args[0])}, [XBLOCK, RBLOCK])"
+        # accumulate in the result's type: eager sums int32/bool into int64
+        x = f"tl.broadcast_to(({arg_code(scope, n, n.args[0])}).to({compute_dtype(n.meta['val'].dtype)}), [XBLOCK, RBLOCK])"
         if kind in ("sum", "mean"):
             code = f"tl.sum(tl.where(xmask & rmask, {x}, 0), 1)[:, None]"
             if kind == "mean":
                 code = f"({code} / {ix.pyexpr(rnumel)})"
         else:
             fill = "float('-inf')" if kind == "max" else "float('inf')"
-            code = f"tl.{kind}(tl.where(xmask & rmask, {x}, {fill}), 1)[:, None]"
-        return w.tmp_at(scope.indent, f"({code}).to({compute_dtype(n.meta['val'].dtype)})")
+            code = _nan_row_extreme(w, scope.indent, kind, f"tl.where(xmask & rmask, {x}, {fill})")
+        return w.tmp_at(scope.indent, round_to_dtype(n, f"({code}).to({compute_dtype(n.meta['val'].dtype)})"))
 
     def row_deps(nodes) -> list[fx.Node]:
         """Row values the full-valued computation of ``nodes`` reads (computed before a loop)."""
@@ -281,19 +285,21 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
             w.line(scope.indent, f"{acc} = tl.full([XBLOCK, RBLOCK], {init}, {dt})")
         body = open_loop(scope)
         reader = pair[1] if pair else n  # the reduction whose input load indexes the full row
-        x = f"tl.broadcast_to({arg_code(body, reader, src)}, [XBLOCK, RBLOCK])"
+        x = f"tl.broadcast_to(({arg_code(body, reader, src)}).to({dt}), [XBLOCK, RBLOCK])"
         if pair:  # running per-lane max and rescaled sum of exp
             xv, mn = w.fresh(), w.fresh()
             w.line(body.indent, f"{xv} = tl.where(xmask & rmask, {x}, float('-inf'))")
-            w.line(body.indent, f"{mn} = tl.maximum({m}, {xv})")
+            w.line(body.indent, f"{mn} = tl.maximum({m}, {xv}, propagate_nan=tl.PropagateNan.ALL)")
             w.line(body.indent, f"{sacc} = {sacc} * tl.exp(tl.where({mn} == float('-inf'), 0.0, {m} - {mn})) + "
                                 f"tl.where({mn} == float('-inf'), 0.0, tl.exp({xv} - {mn}))")
             w.line(body.indent, f"{m} = {mn}")
             amax = pair[1]
-            top = w.tmp_at(scope.indent, f"tl.max({m}, 1)[:, None]")
-            scope.values[amax] = w.tmp_at(scope.indent, f"({top}).to({compute_dtype(amax.meta['val'].dtype)})")
+            top = w.tmp_at(scope.indent, _nan_row_extreme(w, scope.indent, "max", m))
+            scope.values[amax] = w.tmp_at(scope.indent, round_to_dtype(amax, f"({top}).to({compute_dtype(amax.meta['val'].dtype)})"))
             total = f"tl.sum(tl.where({m} == float('-inf'), 0.0, {sacc} * tl.exp({m} - {top})), 1)[:, None]"
-            return w.tmp_at(scope.indent, f"({total}).to({dt})")
+            # a row that is all -inf: eager's exp(x - max) is exp(-inf - -inf) = NaN, so is its sum
+            total = f"tl.where({top} == float('-inf'), float('nan'), {total})"
+            return w.tmp_at(scope.indent, round_to_dtype(n, f"({total}).to({dt})"))
         if kind in ("sum", "mean"):
             w.line(body.indent, f"{acc} = {acc} + tl.where(xmask & rmask, {x}, 0)")
             code = f"tl.sum({acc}, 1)[:, None]"
@@ -301,9 +307,10 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
                 code = f"({code} / {ix.pyexpr(rnumel)})"
         else:
             fill = "float('-inf')" if kind == "max" else "float('inf')"
-            w.line(body.indent, f"{acc} = tl.{kind}imum({acc}, tl.where(xmask & rmask, {x}, {fill}))")
-            code = f"tl.{kind}({acc}, 1)[:, None]"
-        return w.tmp_at(scope.indent, f"({code}).to({dt})")
+            w.line(body.indent, f"{acc} = tl.{kind}imum({acc}, tl.where(xmask & rmask, {x}, {fill}), "
+                                f"propagate_nan=tl.PropagateNan.ALL)")
+            code = _nan_row_extreme(w, scope.indent, kind, acc)
+        return w.tmp_at(scope.indent, round_to_dtype(n, f"({code}).to({dt})"))
 
     def store(scope: _Scope, ptr: str, off, o: fx.Node) -> None:
         is_row = red and region.is_row(o)
@@ -366,6 +373,16 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
         inputs=list(bases.keys()), outputs=outputs, size_args=size_syms,
         xnumel=xnumel, rnumel=rnumel, looped=looped,
     )
+
+
+def _nan_row_extreme(w: _Writer, indent: int, kind: str, tile: str) -> str:
+    """The row max/min of ``tile`` ([XBLOCK, RBLOCK], masked lanes already filled with -inf/inf),
+    NaN when the row holds a NaN, as torch.amax/amin. Triton's tl.max/tl.min drop NaN (on GPUs
+    max.f32 returns the other operand), so NaN presence is reduced separately."""
+    t = w.tmp_at(indent, tile)
+    extreme = w.tmp_at(indent, f"tl.{kind}({t}, 1)[:, None]")
+    has_nan = w.tmp_at(indent, f"tl.max(({t} != {t}).to(tl.int32), 1)[:, None]")
+    return f"tl.where({has_nan} > 0, float('nan'), {extreme})"
 
 
 def _cat_pieces(n: fx.Node):

@@ -46,8 +46,14 @@ def _sigmoid(x: str) -> str:
 
 
 def _tanh(x: str) -> str:
-    # 2*sigmoid(2x) - 1: portable across CUDA, HIP and the interpreter (no libdevice).
-    return f"(2.0 / (1.0 + tl.exp(-2.0 * ({x}))) - 1.0)"
+    """tanh from tl.exp (portable across CUDA, HIP and the interpreter: no libdevice). Near 0 a
+    short odd series keeps the sign of -0 and avoids the cancellation of (1 - e) / (1 + e)."""
+    a = f"tl.abs({x})"
+    x2 = f"(({x}) * ({x}))"
+    series = f"(({x}) * (1.0 + {x2} * (-0.3333333333333333 + {x2} * (0.13333333333333333 + {x2} * -0.05396825396825397))))"
+    e = f"tl.exp(-2.0 * {a})"
+    big = f"((1.0 - {e}) / (1.0 + {e}))"
+    return f"tl.where({a} < 0.0625, {series}, tl.where(({x}) < 0, -{big}, {big}))"
 
 
 def _pow_scalar(x: str, e) -> str | None:
@@ -79,11 +85,45 @@ def _to_copy(node: fx.Node, a: list[str], kw: dict) -> str:
     return f"{a[0]}.to({compute_dtype(dst)})"
 
 
+# ops whose result is exactly representable in their (narrow) input type: no rounding needed
+_EXACT = {"where", "clone", "neg", "abs", "relu", "maximum", "minimum", "_to_copy", "copy", "cat"}
+
+
+def round_to_dtype(node: fx.Node, code: str) -> str:
+    """Round a value computed in fp32 to the node's fp16/bf16 type, as eager does after every op:
+    eager ``(h * 1000) * 1000`` in fp16 overflows to inf in the middle, and so must a fused kernel."""
+    v = node.meta.get("val")
+    name = getattr(node.target, "__name__", "").split(".")[0]
+    if isinstance(v, torch.Tensor) and v.dtype in (torch.float16, torch.bfloat16) and name not in _EXACT:
+        return f"({code}).to({TL_DTYPE[v.dtype]}).to(tl.float32)"
+    return code
+
+
+def _scalar_in(node: fx.Node, k: int, code: str) -> str:
+    """A Python float compared with an fp16/bf16 tensor is first converted to the tensor's type in
+    eager (``h == 0.1`` is true for ``h = tensor(0.1, dtype=float16)``)."""
+    x, s = node.args[0], node.args[k]
+    xv = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if isinstance(s, float) and isinstance(xv, torch.Tensor) and xv.dtype in (torch.float16, torch.bfloat16):
+        return literal(float(torch.tensor(s, dtype=xv.dtype)))
+    return code
+
+
+def _cmp(op: str) -> "Template":
+    return lambda n, a, k: f"({a[0]} {op} {_scalar_in(n, 1, a[1])})"
+
+
+def _add(n: fx.Node, a: list[str], k: dict) -> str:
+    if n.meta["val"].dtype == torch.bool:  # bool + bool is logical or in torch (Triton's int1 wraps)
+        return f"(({a[0]} != 0) | ({a[1]} != 0))"
+    return f"({a[0]} + {_alpha(k)}{a[1]})"
+
+
 # op -> (node, arg code, kwargs) -> Triton expression. kwargs hold constants only.
 Template = Callable[[fx.Node, list, dict], "str | None"]
 POINTWISE: dict = {
-    aten.add.Tensor: lambda n, a, k: f"({a[0]} + {_alpha(k)}{a[1]})",
-    aten.add.Scalar: lambda n, a, k: f"({a[0]} + {_alpha(k)}{a[1]})",
+    aten.add.Tensor: _add,
+    aten.add.Scalar: _add,
     aten.sub.Tensor: lambda n, a, k: f"({a[0]} - {_alpha(k)}{a[1]})",
     aten.sub.Scalar: lambda n, a, k: f"({a[0]} - {_alpha(k)}{a[1]})",
     aten.rsub.Scalar: lambda n, a, k: f"({a[1]} - {_alpha(k)}{a[0]})",
@@ -111,17 +151,17 @@ POINTWISE: dict = {
     aten.minimum.default: lambda n, a, k: _nan_aware("minimum", n, a[0], a[1]),
     aten.where.self: lambda n, a, k: f"tl.where({a[0]}, {a[1]}, {a[2]})",
     aten.eq.Tensor: lambda n, a, k: f"({a[0]} == {a[1]})",
-    aten.eq.Scalar: lambda n, a, k: f"({a[0]} == {a[1]})",
+    aten.eq.Scalar: _cmp("=="),
     aten.ne.Tensor: lambda n, a, k: f"({a[0]} != {a[1]})",
-    aten.ne.Scalar: lambda n, a, k: f"({a[0]} != {a[1]})",
+    aten.ne.Scalar: _cmp("!="),
     aten.lt.Tensor: lambda n, a, k: f"({a[0]} < {a[1]})",
-    aten.lt.Scalar: lambda n, a, k: f"({a[0]} < {a[1]})",
+    aten.lt.Scalar: _cmp("<"),
     aten.le.Tensor: lambda n, a, k: f"({a[0]} <= {a[1]})",
-    aten.le.Scalar: lambda n, a, k: f"({a[0]} <= {a[1]})",
+    aten.le.Scalar: _cmp("<="),
     aten.gt.Tensor: lambda n, a, k: f"({a[0]} > {a[1]})",
-    aten.gt.Scalar: lambda n, a, k: f"({a[0]} > {a[1]})",
+    aten.gt.Scalar: _cmp(">"),
     aten.ge.Tensor: lambda n, a, k: f"({a[0]} >= {a[1]})",
-    aten.ge.Scalar: lambda n, a, k: f"({a[0]} >= {a[1]})",
+    aten.ge.Scalar: _cmp(">="),
     aten.logical_not.default: lambda n, a, k: f"({a[0]} == 0)",
     aten.logical_and.default: lambda n, a, k: f"(({a[0]} != 0) & ({a[1]} != 0))",
     aten.logical_or.default: lambda n, a, k: f"(({a[0]} != 0) | ({a[1]} != 0))",
