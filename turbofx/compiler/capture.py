@@ -46,6 +46,10 @@ class CapturedGraph:
     out_spec: Any = None
     example_user_inputs: list[Any] = field(default_factory=list)  # flat, for input checks
     user_input_names: list[str] = field(default_factory=list)  # readable names for errors
+    # torch.export's shape guards (the export door; Dynamo guards its own graphs): size
+    # expression -> (lo, hi) bounds, and the runtime assertions over sizes in the graph
+    ranges: dict = field(default_factory=dict)
+    asserts: list = field(default_factory=list)
 
 
 def _var_mean(x, dim=None, *, correction=None, keepdim=False):
@@ -142,7 +146,21 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: 
         gm=ep.graph_module, inputs=inputs, outputs=outputs, state=state,
         in_spec=ep.call_spec.in_spec, out_spec=ep.call_spec.out_spec,
         example_user_inputs=flat_user, user_input_names=names,
+        ranges={e: (vr.lower, vr.upper) for e, vr in ep.range_constraints.items()},
+        asserts=_size_assertions(ep.graph_module),
     )
+
+
+def _size_assertions(gm: fx.GraphModule) -> list:
+    """The conditions of the graph's ``_assert_scalar`` nodes (canonicalize drops the nodes: the
+    runtime checks them on the input sizes instead, before any kernel runs)."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is aten._assert_scalar.default and isinstance(n.args[0], fx.Node):
+            v = n.args[0].meta.get("val")
+            if isinstance(v, torch.SymBool):
+                out.append(v.node.expr)
+    return out
 
 
 def _path_name(path, params: list[str]) -> str:
