@@ -161,7 +161,8 @@ def generate(region: Region, target_key: str, persistent_rmax: int = 1 << 30) ->
     rnumel = region.full[-1] if red else None
     for gsym, ge in zip(gsyms, group_exprs):
         if any(gsym in off.free_symbols for off in rewritten):
-            w.lines.append(f"    {gsym.name} = {ix.pyexpr(ge)}")
+            # a size-1 group is the constant 0: still a tensor (a cat over it tests it in a mask)
+            w.lines.append(f"    {gsym.name} = {'xzero + ' if ge.is_Integer else ''}{ix.pyexpr(ge)}")
     fmask = "xmask & rmask" if red else "xmask"
 
     def load_code(key) -> str:

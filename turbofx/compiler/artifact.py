@@ -139,6 +139,7 @@ def save(compiled, output_dir: str | os.PathLike, extra: dict | None = None, ove
             "state_devices": {k: str(t.device) for k, t in compiled._state.items()}, "extra": extra or {},
             "kernels": [dataclasses.asdict(k) for k in report.kernels] if report is not None else [],
             "shares_weights_with": shares_weights_with,
+            "guards": compiled._guards.to_json(),  # shape guards (h2): ranges and assertions on input sizes
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return out
@@ -222,8 +223,10 @@ def load(path: str | os.PathLike, device: str | None = None, shared_state: dict 
 
     report = Report(target=f"{target.get('backend')} {target.get('arch')} (loaded from {d})",
                     kernels=[KernelRecord(**k) for k in meta.get("kernels", [])])
+    from turbofx.runtime.guards import ShapeGuards
+
     cm = CompiledModule(program, state, meta["plan"], expected, meta["names"], _spec_load(meta["in_spec"]),
                         _spec_load(meta["out_spec"]), {int(k): v for k, v in meta["mutations"].items()},
-                        meta["n_user_outputs"], report)
+                        meta["n_user_outputs"], report, guards=ShapeGuards.from_json(meta.get("guards")))
     cm.turbofx_meta = meta
     return cm

@@ -64,6 +64,7 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
         t0 = time.perf_counter()
         try:
             captured = capture_aot_graph(fx_graph, inputs)
+            constants = [captured.state[s.target] for s in captured.inputs if s.kind == "constant"]
             program, report, _, target = build(captured, opts, time.perf_counter() - t0)
         except TurbofxError:
             raise
@@ -78,18 +79,21 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
             if len(inputs) == len(static):  # AOT kept Dynamo's inputs one for one
                 from turbofx.runtime.graphs import GraphRunner
 
-                step = GraphRunner(program, static, report.runtime_notes)
+                step = GraphRunner(program, static + [True] * len(constants), report.runtime_notes)
             else:
                 report.runtime_notes.append("graph replay off: AOTAutograd changed the inputs, so the static "
                                             "ones (weights, caches) cannot be told apart")
 
         def run(*args):
             stats["calls"] += 1
-            return step(list(args))
+            return step(list(args) + constants)  # lifted constants follow AOT's inputs
 
         return make_boxed_func(run)
 
-    if attention in opts.passes():
+    # Training graphs keep Dynamo's SDPA: AOTAutograd then differentiates it as ATen does (the
+    # attention pass only sees forward graphs of inference calls)
+    training = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+    if attention in opts.passes() and not training:
         keep_attention_whole(gm)
     return aot_autograd(fw_compiler=forward_compiler, decompositions=decomposition_table(),
                         keep_inference_input_mutations=True)(gm, example_inputs)

@@ -46,6 +46,10 @@ class CapturedGraph:
     out_spec: Any = None
     example_user_inputs: list[Any] = field(default_factory=list)  # flat, for input checks
     user_input_names: list[str] = field(default_factory=list)  # readable names for errors
+    # torch.export's shape guards (the export door; Dynamo guards its own graphs): size
+    # expression -> (lo, hi) bounds, and the runtime assertions over sizes in the graph
+    ranges: dict = field(default_factory=dict)
+    asserts: list = field(default_factory=list)
 
 
 def _var_mean(x, dim=None, *, correction=None, keepdim=False):
@@ -142,7 +146,21 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: 
         gm=ep.graph_module, inputs=inputs, outputs=outputs, state=state,
         in_spec=ep.call_spec.in_spec, out_spec=ep.call_spec.out_spec,
         example_user_inputs=flat_user, user_input_names=names,
+        ranges={e: (vr.lower, vr.upper) for e, vr in ep.range_constraints.items()},
+        asserts=_size_assertions(ep.graph_module),
     )
+
+
+def _size_assertions(gm: fx.GraphModule) -> list:
+    """The conditions of the graph's ``_assert_scalar`` nodes (canonicalize drops the nodes: the
+    runtime checks them on the input sizes instead, before any kernel runs)."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is aten._assert_scalar.default and isinstance(n.args[0], fx.Node):
+            v = n.args[0].meta.get("val")
+            if isinstance(v, torch.SymBool):
+                out.append(v.node.expr)
+    return out
 
 
 def _path_name(path, params: list[str]) -> str:
@@ -193,13 +211,51 @@ def keep_attention_whole(gm: fx.GraphModule) -> int:
 
 
 def capture_aot_graph(gm: fx.GraphModule, example_inputs: list) -> CapturedGraph:
-    """An AOTAutograd inference graph: every placeholder is a (flat) user input."""
+    """An AOTAutograd graph: every placeholder is a (flat) user input; tensor constants the graph
+    reads through ``get_attr`` (e.g. ``torch.tensor([1., 2.])`` inside ``forward``) are lifted into
+    trailing constant inputs, so that lowering and the Program see only placeholders."""
+    constants = _lift_constants(gm, example_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    inputs = [InputSpec("user", n.name) for n in placeholders]
+    inputs = [InputSpec("user", n.name) for n in placeholders[:len(placeholders) - len(constants)]]
+    inputs += [InputSpec("constant", n.name, key) for n, key in zip(placeholders[len(inputs):], constants)]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     outs = out_node.args[0]
     outputs = [OutputSpec("user") for _ in (outs if isinstance(outs, (list, tuple)) else [outs])]
     return CapturedGraph(
-        gm=gm, inputs=inputs, outputs=outputs, example_user_inputs=list(example_inputs),
-        user_input_names=[n.name for n in placeholders],
+        gm=gm, inputs=inputs, outputs=outputs, state=constants, example_user_inputs=list(example_inputs),
+        user_input_names=[s.name for s in inputs if s.kind == "user"],
     )
+
+
+def _lift_constants(gm: fx.GraphModule, example_inputs: list) -> dict[str, torch.Tensor]:
+    """Replace each ``get_attr`` of a tensor by a new placeholder after the others (its FakeTensor
+    ``meta["val"]`` made in the graph's fake mode). Returns attribute name -> tensor, in order."""
+    gets = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    if not gets:
+        return {}
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode([v for v in vals + list(example_inputs) if isinstance(v, torch.Tensor)]) or FakeTensorMode()
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1:] or [next(iter(gm.graph.nodes))]
+    constants: dict[str, torch.Tensor] = {}
+    lifted: dict[str, fx.Node] = {}
+    anchor = last[0]
+    for n in gets:
+        if n.target not in lifted:
+            value = gm
+            for part in n.target.split("."):
+                value = getattr(value, part, None)
+            if not isinstance(value, torch.Tensor):
+                raise CaptureError(f"the graph reads {n.target} ({type(value).__name__}), which turbofx cannot run: "
+                                   "only tensor constants are supported (a turbofx bug: please report it)")
+            where = gm.graph.inserting_after(anchor) if anchor.op == "placeholder" else gm.graph.inserting_before(anchor)
+            with where:
+                anchor = lifted[n.target] = gm.graph.placeholder(f"const_{n.name}")
+            anchor.meta["val"] = mode.from_tensor(value, static_shapes=True)
+            constants[n.target] = value
+        n.replace_all_uses_with(lifted[n.target])
+        gm.graph.erase_node(n)
+    gm.recompile()
+    return constants

@@ -20,6 +20,7 @@ from turbofx.passes.attention_prologue import attention_prologue
 from turbofx.passes.canonicalize import canonicalize
 from turbofx.passes.fusion import fuse
 from turbofx.passes.manager import Fuel, PassContext, PassManager, PassRecord, Rewrite, pass_name
+from turbofx.runtime.guards import ShapeGuards, build as build_guards
 from turbofx.runtime.module import CompiledModule
 from turbofx.runtime.program import Program
 
@@ -246,8 +247,11 @@ def _real(x):
     return torch.randint(0, 2, shape, generator=g).to(device=x.device, dtype=x.dtype)
 
 
-def input_plan(c: CapturedGraph) -> tuple[list, list]:
-    """(plan, expected) for CompiledModule from a captured graph."""
+def input_plan(c: CapturedGraph) -> tuple[list, list, ShapeGuards]:
+    """(plan, expected, guards) for CompiledModule from a captured graph. A symbolic dim of
+    ``expected`` is the Python source of its size expression over the bound symbols."""
+    from turbofx.codegen.indexing import to_expr
+
     plan, k = [], 0
     placeholders = [n for n in c.gm.graph.nodes if n.op == "placeholder"]
     user_vals = []
@@ -257,14 +261,16 @@ def input_plan(c: CapturedGraph) -> tuple[list, list]:
             user_vals.append(p.meta.get("val"))
         else:
             plan.append(["state", s.target])
+    shapes = [[to_expr(d) for d in (v.shape if isinstance(v, torch.Tensor) else ex.shape)]
+              if isinstance(ex, torch.Tensor) else None for ex, v in zip(c.example_user_inputs, user_vals)]
+    shapes, guards = build_guards(shapes, c.ranges, c.asserts)
     expected = []
-    for ex, v in zip(c.example_user_inputs, user_vals):
+    for ex, shape in zip(c.example_user_inputs, shapes):
         if isinstance(ex, torch.Tensor):
-            shape = [int(s) if isinstance(s, int) else None for s in (v.shape if isinstance(v, torch.Tensor) else ex.shape)]
             expected.append({"kind": "tensor", "shape": shape, "dtype": ex.dtype, "device": ex.device})
         else:
             expected.append({"kind": "value", "value": ex})
-    return plan, expected
+    return plan, expected, guards
 
 
 def mutation_plan(c: CapturedGraph) -> dict[int, list]:
@@ -279,10 +285,10 @@ def mutation_plan(c: CapturedGraph) -> dict[int, list]:
 
 
 def make_module(c: CapturedGraph, program: Program, report: Report) -> CompiledModule:
-    plan, expected = input_plan(c)
+    plan, expected, guards = input_plan(c)
     muts = mutation_plan(c)
     return CompiledModule(program, c.state, plan, expected, c.user_input_names, c.in_spec, c.out_spec,
-                          muts, len(c.outputs) - len(muts), report)
+                          muts, len(c.outputs) - len(muts), report, guards=guards)
 
 
 def compile(module: torch.nn.Module, example_args: tuple = (), example_kwargs: dict | None = None,

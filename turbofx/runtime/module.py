@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from turbofx.errors import InputMismatchError
+from turbofx.errors import InputMismatchError, TurbofxError
+from turbofx.runtime.guards import Evaluator, ShapeGuards, bindings
 from turbofx.runtime.program import Program
 
 log = logging.getLogger("turbofx.runtime")
@@ -19,18 +21,41 @@ def describe(x) -> str:
     return repr(x)
 
 
+INFERENCE_ONLY = ("turbofx programs are inference-only: they compute no gradients. Use "
+                  "torch.compile(model, backend='turbofx') to train, or call the compiled module under "
+                  "torch.no_grad() / torch.inference_mode()")
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """Connects a call's outputs to the inputs and parameters that require grad, so that
+    ``backward()`` through them raises instead of silently producing partial gradients (the
+    program's kernels are invisible to autograd)."""
+
+    @staticmethod
+    def forward(ctx, run, *deps):
+        outs = run()
+        ctx.mark_non_differentiable(*[o for o in outs if isinstance(o, torch.Tensor) and not o.is_floating_point()])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise TurbofxError(INFERENCE_ONLY)
+
+
 class CompiledModule(torch.nn.Module):
     """Calls like the module it was compiled from and returns the same structure.
 
     ``plan`` is, per graph input, ``["user", k]`` (k-th flat user input) or ``["state", key]``;
-    ``expected`` describes each flat user input (tensor rank/dtype/device and static dims, or the
-    exact value of a non-tensor input the graph was specialised on); ``mutations`` maps a program
-    output index to the state key or user input it writes back in place.
+    ``expected`` describes each flat user input (tensor rank/dtype/device and dims: an int for a
+    static dim, the Python source of its size expression for a symbolic one, None for any; or the
+    exact value of a non-tensor input the graph was specialised on); ``guards`` are the conditions
+    on those sizes the program was captured under; ``mutations`` maps a program output index to
+    the state key or user input it writes back in place.
     """
 
     def __init__(self, program: Program, state: dict[str, torch.Tensor], plan: list, expected: list,
                  names: list[str], in_spec, out_spec, mutations: dict[int, list], n_user_outputs: int,
-                 report: Any = None):
+                 report: Any = None, guards: ShapeGuards | None = None):
         super().__init__()
         self._program = program
         self._state = dict(state)
@@ -45,15 +70,20 @@ class CompiledModule(torch.nn.Module):
         self._n_user_outputs = n_user_outputs
         self.turbofx_report = report
         self._runner = None
+        self._guards = guards or ShapeGuards()
+        self._bindings = bindings([e["shape"] if e["kind"] == "tensor" else None for e in expected])
+        self._eval = Evaluator()
+        self._user_mutations = sorted((i, key) for i, (kind, key) in mutations.items() if kind == "user")
 
     def _step(self, graph_inputs: list) -> list:
-        """One call: the Program, then its buffer mutations written back in place."""
+        """One call: the Program, then its buffer mutations written back in place. Returns the user
+        outputs followed by the new values of mutated user inputs (the caller writes those into the
+        tensors it was given: under graph replay ``graph_inputs`` are static copies)."""
         outs = self._program(graph_inputs)
-        users = [graph_inputs[i] for i, (kind, _) in enumerate(self._plan) if kind == "user"]
         for i, (kind, key) in self._mutations.items():
-            dst = self._state[key] if kind == "state" else users[key]
-            dst.copy_(outs[i])
-        return [o for i, o in enumerate(outs) if i not in self._mutations]
+            if kind == "state":
+                self._state[key].copy_(outs[i])
+        return [o for i, o in enumerate(outs) if i not in self._mutations] + [outs[i] for i, _ in self._user_mutations]
 
     def enable_graphs(self, notes: list) -> None:
         """Replay calls through CUDA/HIP graphs (state tensors used in place)."""
@@ -72,8 +102,8 @@ class CompiledModule(torch.nn.Module):
                 problems = []
                 if x.dim() != len(exp["shape"]):
                     problems.append(f"rank {len(exp['shape'])}, got rank {x.dim()}")
-                elif any(e is not None and e != s for e, s in zip(exp["shape"], x.shape)):
-                    problems.append(f"shape {['*' if e is None else e for e in exp['shape']]}, got {list(x.shape)}")
+                elif any(isinstance(e, int) and e != s for e, s in zip(exp["shape"], x.shape)):
+                    problems.append(f"shape {[e if isinstance(e, int) else '*' for e in exp['shape']]}, got {list(x.shape)}")
                 if x.dtype != exp["dtype"]:
                     problems.append(f"dtype {exp['dtype']}, got {x.dtype}")
                 if x.device.type != exp["device"].type:
@@ -86,7 +116,66 @@ class CompiledModule(torch.nn.Module):
                 if isinstance(x, torch.Tensor) or x != exp["value"]:
                     raise InputMismatchError(f"{name}: the graph was specialised on {exp['value']!r}, got {describe(x)}")
                 out.append(x)
+        if self._bindings:
+            self._check_sizes(flat)
         return out
+
+    def _check_sizes(self, flat: list) -> None:
+        """The shape guards: dims that must equal other inputs' sizes, and the ranges and
+        assertions the program was captured under (a call outside them would run a program traced
+        for other sizes)."""
+        env = {sym: flat[k].shape[d] for sym, k, d in self._bindings}
+        where = {sym: f"{self._names[k]}.shape[{d}]" for sym, k, d in self._bindings}
+
+        def sizes(text: str) -> str:
+            used = [s for s in env if re.search(rf"\b{s}\b", text)]
+            return ", ".join(f"{s} = {where[s]} = {env[s]}" for s in used)
+
+        hint = ("; recompile for these sizes (turbofx.compile with an example of them, or static "
+                "shapes)")
+        for x, exp, name in zip(flat, self._expected, self._names):
+            if exp["kind"] != "tensor":
+                continue
+            for d, e in enumerate(exp["shape"]):
+                if isinstance(e, str) and where.get(e) != f"{name}.shape[{d}]":
+                    want = self._eval(e, env)
+                    if want != x.shape[d]:
+                        raise InputMismatchError(
+                            f"{name}.shape[{d}] is {x.shape[d]}, but the program requires it to equal {e} = {want} "
+                            f"({sizes(e)}): the inputs' sizes must agree as in the example" + hint)
+        for g in self._guards.ranges:
+            v = self._eval(g.expr, env)
+            if v < g.lo or (g.hi is not None and v > g.hi):
+                allowed = f"[{g.lo}, {'inf' if g.hi is None else g.hi}]"
+                what = f"{where[g.expr]} = {v}" if g.expr in where else f"size {g.text} = {v} ({sizes(g.expr)})"
+                why = (" (torch.export specialises sizes 0 and 1: compile another program from an example "
+                       "of that size)" if v in (0, 1) else " (the model branches on this size)")
+                raise InputMismatchError(f"{what} is outside the range {allowed} the program was compiled for"
+                                         + why + hint)
+        for g in self._guards.asserts:
+            if not self._eval(g.expr, env):
+                raise InputMismatchError(f"the program requires {g.text}, which fails for {sizes(g.expr)}" + hint)
+
+    def _check_aliasing(self, flat: list) -> None:
+        """Inputs updated in place must not share memory with another input: eager would let the
+        other input see the update, the compiled program reads every input as it was."""
+        tensors = [(n, x) for n, x in zip(self._names, flat) if isinstance(x, torch.Tensor) and x.numel()]
+        mutated = [(self._names[k], flat[k]) for _, k in self._user_mutations]
+        mutated += [(f"the module's {key}", self._state[key]) for kind, key in self._mutations.values()
+                    if kind == "state"]
+        for mname, m in mutated:
+            if not isinstance(m, torch.Tensor) or not m.numel():
+                continue
+            ptr = m.untyped_storage().data_ptr()
+            for name, x in tensors:
+                if name != mname and x.untyped_storage().data_ptr() == ptr:
+                    raise InputMismatchError(
+                        f"{name} shares memory with {mname}, which the model updates in place: the compiled "
+                        f"program reads {name} as it was before the update (eager would not); pass separate "
+                        f"tensors (e.g. {name}.clone())")
+
+    def _call(self, graph_inputs: list) -> list:
+        return self._runner(graph_inputs) if self._runner is not None else self._step(graph_inputs)
 
     def forward(self, *args, **kwargs):
         if self._in_spec is not None:
@@ -96,9 +185,22 @@ class CompiledModule(torch.nn.Module):
                     f"inputs are structured differently from the example: expected {self._in_spec}, got {spec}")
         else:
             flat = list(args)
+        given = flat
         flat = self._check(flat)
+        if self._mutations:
+            self._check_aliasing(given)
         graph_inputs = [flat[k] if kind == "user" else self._state[k] for kind, k in self._plan]
-        user = self._runner(graph_inputs) if self._runner is not None else self._step(graph_inputs)
+        deps = []
+        if torch.is_grad_enabled():
+            deps = [t for t in list(self._state.values()) + given if isinstance(t, torch.Tensor) and t.requires_grad]
+        if deps:
+            outs = list(_InferenceOnly.apply(lambda: self._call(graph_inputs), *deps))
+        else:
+            outs = self._call(graph_inputs)
+        n = len(outs) - len(self._user_mutations)
+        user, updates = outs[:n], outs[n:]
+        for (_, k), new in zip(self._user_mutations, updates):
+            given[k].copy_(new)  # the caller's tensor, also when the program ran on a contiguous copy
         if self._out_spec is None:
             return user
         return pytree.tree_unflatten(user, self._out_spec)
