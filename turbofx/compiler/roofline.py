@@ -71,7 +71,9 @@ class ProgramCost:
         lines = [f"roofline (model, from shapes): {sum(self.counts().values())} steps "
                  f"({', '.join(f'{n} {k}' for k, n in self.counts().items())}), {t.launches} launches",
                  f"  traffic {_mb(t.bytes_read)} read + {_mb(t.bytes_written)} written; ideal {_mb(self.ideal_bytes)} "
-                 f"(weights + KV cache read once) -> {self.ratio:.2f}x ideal; {t.flops / 1e9:.3f} GFLOP"]
+                 f"(weights + KV cache read once) -> "
+                 + (f"{self.ratio:.2f}x ideal" if self.ideal_bytes else "no state tensors, no ideal")
+                 + f"; {t.flops / 1e9:.3f} GFLOP"]
         for gpu in gpus if gpus is not None else GPUS.values():
             lines.append(f"  predicted on {gpu.name} (model, not measured): {predict(self, gpu) * 1e3:.3f} ms "
                          f"(ideal {self.ideal_bytes / gpu.hbm_bytes_per_s * 1e3:.3f} ms)")
@@ -81,6 +83,9 @@ class ProgramCost:
         """One line per working step: bytes, FLOPs, modelled time on ``gpu`` and, when given, the
         measured time of the same step (``measure_steps``)."""
         gpu = gpu or GPUS["H100"]
+        if measured is not None and len(measured) != len(self.steps):
+            raise TurbofxError(f"measured holds {len(measured)} times for a program of {len(self.steps)} steps; "
+                               "pass measure_steps(...) of the same compiled module")
         head = f"{'#':>4} {'kind':10s} {'step':34s} {'read':>10s} {'written':>10s} {'MFLOP':>10s} {'model us':>9s}"
         lines = [head + (f" {'measured us':>11s}" if measured else "")]
         for i, s in enumerate(self.steps):
