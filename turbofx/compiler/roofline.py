@@ -292,8 +292,11 @@ def program_cost(program, graph_inputs: list, state: list[bool]) -> ProgramCost:
             steps.append(_kernel_cost(s, values, env, ledger))
         elif isinstance(s, ExternStep):
             steps.append(_extern_cost(s, values, env, ledger))
-        else:
+        elif isinstance(s, dict) and s.get("type") in ("attention", "varlen_attention"):
             steps.append(_attention_cost(s, values, env, ledger))
+        else:
+            raise TurbofxError(f"turbofx bug: the roofline has no cost rule for a step of type "
+                               f"{s.get('type') if isinstance(s, dict) else type(s).__name__}; please report it")
         for v in program.frees[i]:
             values[v] = None
     totals = StepCost("total", "total", sum(s.bytes_read for s in steps), sum(s.bytes_written for s in steps),
