@@ -43,12 +43,6 @@ class Case:
 # Spills seen and not yet fixed: (target, kernel, case) -> why it is tolerated. Printed as KNOWN;
 # any other spill fails. Fixing one means deleting its line (the run says when a line is stale).
 KNOWN_SPILLS = {
-    ("cuda:sm90", "tfx_attention_fwd", "attention fp32"):
-        "fp32 tiles 64x32 at 4 warps: 1.6 KB spilled on Triton 3.9 (attention.blocks() choice; to fix there)",
-    ("cuda:sm80", "tfx_attention_fwd", "attention fp32"): "as sm90: 0.8 KB spilled (fp32 tile choice)",
-    ("cuda:sm100", "tfx_attention_fwd", "attention fp32"): "as sm90: 0.9 KB spilled (fp32 tile choice)",
-    ("cuda:sm80", "tfx_attention_fwd", "attention prefill masked d128"):
-        "96 B at 128x64 tiles, 8 warps, head dim 128 with a mask (sm80 has fewer registers to spare than sm90)",
     ("hip:gfx942", "tfx_attention_fwd", "attention prefill causal d64"): "a few VGPRs on gfx942 (Triton 3.9)",
     ("hip:gfx942", "tfx_attention_fwd", "attention window + softcap"): "a few VGPRs on gfx942 (Triton 3.9)",
     ("hip:gfx942", "tfx_attention_varlen", "varlen"): "a few VGPRs on gfx942 (Triton 3.9)",

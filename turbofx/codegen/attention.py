@@ -329,7 +329,10 @@ def blocks(target: Target, head_dim: int, elem_size: int = 2) -> dict:
         return {**common, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 1, "UPCAST": True, "IEEE": False}
     if target.backend == "hip":
         return {**common, "BLOCK_M": 64, "BLOCK_N": 32 if elem_size == 4 else 64, "num_warps": 4, "UPCAST": False}
-    if elem_size == 4 or d > 128:
-        return {**common, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "UPCAST": False}
-    big = int(target.arch[2:] or 0) >= 80
-    return {**common, "BLOCK_M": 128 if big else 64, "BLOCK_N": 64, "num_warps": 8 if big else 4, "UPCAST": False}
+    if elem_size == 4 or d > 128:  # fp32 tiles at 4 warps spill registers (ptxas); 8 warps hold them
+        return {**common, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "UPCAST": False}
+    cc = int(target.arch[2:] or 0)
+    big = cc >= 80
+    # sm8x has fewer registers to spare than sm90+: 128x64 tiles at head dim 128 spill (ptxas), 128x32 do not
+    block_n = 32 if 80 <= cc < 90 and d >= 128 else 64
+    return {**common, "BLOCK_M": 128 if big else 64, "BLOCK_N": block_n, "num_warps": 8 if big else 4, "UPCAST": False}
