@@ -5,6 +5,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -102,6 +103,7 @@ class Report:
     rewrite_budget: int | None = None  # max_rewrites in force
     budget_exhausted: bool = False  # some rewrite was refused for want of budget
     kernel_mismatches: list[KernelMismatch] = field(default_factory=list)  # verify="kernels" replacements
+    roofline: Any = None  # roofline.ProgramCost of one call, when explain() was given that call's inputs
 
     @property
     def generated(self) -> list[KernelRecord]:
@@ -146,6 +148,8 @@ class Report:
             lines.append(f"  verify=kernels: {m}; replaced by its ATen ops")
         for note in self.runtime_notes[-5:]:
             lines.append(f"  runtime: {note}")
+        if self.roofline is not None:
+            lines += ["  " + line for line in self.roofline.summary().splitlines()]
         return "\n".join(lines)
 
 
@@ -324,8 +328,20 @@ def compile(module: torch.nn.Module, example_args: tuple = (), example_kwargs: d
     return compiled
 
 
-def explain(compiled) -> Report:
-    """The report of a compiled module (``turbofx.compile``, ``turbofx.load`` or the backend)."""
+def explain(compiled, *args, **kwargs) -> Report:
+    """The report of a compiled module (``turbofx.compile``, ``turbofx.load`` or the backend).
+    Given the inputs of a call (``explain(cm, ids)``), it adds that call's roofline profile: bytes,
+    FLOPs and launches per step from shapes, the ideal traffic, and a modelled time per GPU."""
+    if args or kwargs:
+        from turbofx.compiler.roofline import profile
+
+        rep = _report_of(compiled)
+        rep.roofline = profile(compiled, *args, **kwargs)
+        return rep
+    return _report_of(compiled)
+
+
+def _report_of(compiled) -> Report:
     rep = getattr(compiled, "turbofx_report", None)
     if rep is None:
         from turbofx.compiler.backend import reports_of
