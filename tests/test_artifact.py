@@ -13,6 +13,7 @@ import torch
 
 import turbofx
 from turbofx.compiler.models import example_inputs, make_tiny_model
+from turbofx.compiler.artifact import seal
 from turbofx.errors import ArtifactError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def test_version_mismatch_raises(artifact, tmp_path):
     bad = _copy(artifact, tmp_path / "old")
     meta = json.loads((bad / "meta.json").read_text())
     meta["versions"]["torch"] = "1.13.0"
-    (bad / "meta.json").write_text(json.dumps(meta))
+    (bad / "meta.json").write_text(seal(meta))  # as another turbofx would have written it
     with pytest.raises(ArtifactError, match="torch 1.13.0"):
         turbofx.load(bad)
 

@@ -63,7 +63,9 @@ def cmd_export(a) -> int:
     import torch
 
     import turbofx
+    from turbofx.compiler.artifact import check_output_dir
 
+    check_output_dir(a.output_dir, a.overwrite)  # before loading and compiling the model
     model, tok = _load(a.model, a.dtype)
     vocab = model.config.vocab_size
     ids = _prompt_ids(tok, DEFAULT_PROMPT, vocab)[:, :8]
@@ -73,15 +75,14 @@ def cmd_export(a) -> int:
     if a.kind == "generation" or (a.kind == "auto" and _is_causal_lm(model)):
         from turbofx.compiler.generation import export_generation
 
-        path = export_generation(model, ids, a.output_dir, a.max_cache_len, target=a.target, extra=extra)
+        path = export_generation(model, ids, a.output_dir, a.max_cache_len, target=a.target, extra=extra,
+                                 overwrite=a.overwrite, tokenizer=tok)
     else:
         kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
         extra["generate_kwargs"] = kwargs
         with torch.no_grad():
             path = turbofx.export(model, (ids,), kwargs, output_dir=a.output_dir, target=a.target, dynamic=True,
-                                  extra=extra)
-    if tok is not None:
-        tok.save_pretrained(path / "tokenizer")
+                                  extra=extra, overwrite=a.overwrite, tokenizer=tok)
     print(f"wrote {path}")
     return 0
 
@@ -272,6 +273,8 @@ def _main(argv: list[str] | None = None) -> int:
     _flag(e, "--kind", default="auto", choices=["auto", "generation", "forward"],
           help="generation: prefill + decode over a KV cache (default for causal LMs); forward: one program")
     _flag(e, "--max-cache-len", type=int, default=256)
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing turbofx artifact in --output-dir (never any other directory)")
     r = sub.add_parser("run", help="load an artifact and generate greedily")
     r.add_argument("artifact")
     _flag(r, "--prompt", default=DEFAULT_PROMPT)

@@ -466,43 +466,50 @@ def prompt_inputs(ids: torch.Tensor, mask: torch.Tensor, cache_len: int) -> tupl
 
 
 def export_generation(model: torch.nn.Module, example_ids: torch.Tensor, output_dir, max_cache_len: int = 256,
-                      target: str | None = None, extra: dict | None = None):
+                      target: str | None = None, extra: dict | None = None, overwrite: bool = False,
+                      tokenizer=None):
     """Write a generation artifact: prefill (prompt length symbolic) and the decode step over one
-    exported KV cache; the decode artifact holds weights and cache, prefill shares them."""
-    import json
-
-    from turbofx.compiler.artifact import atomic_dir, save
+    exported KV cache; the decode artifact holds weights and cache, prefill shares them.
+    ``output_dir`` is checked before compiling, as for ``turbofx.export`` (``overwrite=True``
+    replaces an existing artifact)."""
+    from turbofx.compiler.artifact import FORMAT, atomic_dir, check_output_dir, file_digests, save, seal
     from turbofx.compiler.driver import compile as tfx_compile
 
+    out = check_output_dir(output_dir, overwrite)
     decoder = StaticDecoder(model, 1, max_cache_len).eval()
     args = prompt_inputs(example_ids, torch.ones_like(example_ids), max_cache_len)
     step = (example_ids[:, :1], args[1][:1] + example_ids.shape[1], args[2], args[3][:, -1:] + 1)
-    with atomic_dir(output_dir) as tmp:
-        with torch.no_grad():
-            prefill = tfx_compile(decoder, args, target=target, dynamic=True, cudagraphs=False)
-            decode = tfx_compile(decoder, step, target=target, cudagraphs=False)
-        decoder.reset()
+    with torch.no_grad():
+        prefill = tfx_compile(decoder, args, target=target, dynamic=True, cudagraphs=False)
+        decode = tfx_compile(decoder, step, target=target, cudagraphs=False)
+    decoder.reset()
+    with atomic_dir(out, overwrite) as tmp:
         save(decode, tmp / "decode", extra=extra)
         save(prefill, tmp / "prefill", shares_weights_with="../decode")
-        (tmp / "generation.json").write_text(json.dumps({**(extra or {}), "max_cache_len": max_cache_len}, indent=1))
-    from pathlib import Path
-
-    return Path(output_dir).resolve()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        # decode/ and prefill/ are covered by their own meta.json; this lists the rest
+        files = file_digests(tmp, skip=("decode", "prefill", "generation.json"))
+        info = {**(extra or {}), "max_cache_len": max_cache_len}
+        (tmp / "generation.json").write_text(seal({"format": FORMAT, "info": info, "files": files}))
+    return out
 
 
 class LoadedGeneration:
     """Prefill and decode programs loaded from a generation artifact, sharing one KV cache."""
 
-    def __init__(self, path):
-        import json
-        from pathlib import Path
+    def __init__(self, path, device: str | None = None):
+        from turbofx.compiler.artifact import artifact_dir, load, read_sealed, verify_files
+        from turbofx.errors import ArtifactError
 
-        from turbofx.compiler.artifact import load
-
-        d = Path(path)
-        self.info = json.loads((d / "generation.json").read_text())
-        self.decode = load(d / "decode")
-        self.prefill = load(d / "prefill", shared_state=self.decode._state)
+        d = artifact_dir(path)
+        if not (d / "generation.json").exists() and (d / "meta.json").exists():
+            raise ArtifactError(f"{d} is a forward artifact, not a generation one: load it with turbofx.load")
+        doc = read_sealed(d / "generation.json", d)
+        verify_files(d, doc["files"], "generation.json")
+        self.info = doc["info"]
+        self.decode = load(d / "decode", device=device)
+        self.prefill = load(d / "prefill", device=device, shared_state=self.decode._state)
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int) -> GenerateResult:
         cache_len = self.info["max_cache_len"]
@@ -522,5 +529,5 @@ class LoadedGeneration:
         return res
 
 
-def load_generation(path) -> LoadedGeneration:
-    return LoadedGeneration(path)
+def load_generation(path, device: str | None = None) -> LoadedGeneration:
+    return LoadedGeneration(path, device)
