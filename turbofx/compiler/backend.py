@@ -90,10 +90,23 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
 
         return make_boxed_func(run)
 
-    # Training graphs keep Dynamo's SDPA: AOTAutograd then differentiates it as ATen does (the
-    # attention pass only sees forward graphs of inference calls)
     training = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
-    if attention in opts.passes() and not training:
+    if training:
+        # turbofx's programs are inference-only for now: a training call runs the ATen graphs
+        # AOTAutograd makes, without turbofx's decomposition table (it is an inference table: in a
+        # joint graph it gave a tiny llama wrong gradients, loss right). explain says so.
+        def aten_compiler(fx_graph, inputs):
+            from turbofx.compiler.driver import Report
+
+            report = Report(target="ATen (training graph)", inputs=input_refs, runtime_notes=[
+                "training graph (inputs require grad): runs as AOTAutograd's ATen graph; turbofx compiles "
+                "inference graphs only (call under torch.no_grad() for turbofx kernels)"])
+            _reports.append(report)
+            return make_boxed_func(fx_graph.forward)
+
+        log.info("training graph (inputs require grad): running AOTAutograd's ATen graphs, not turbofx programs")
+        return aot_autograd(fw_compiler=aten_compiler, bw_compiler=aten_compiler)(gm, example_inputs)
+    if attention in opts.passes():
         keep_attention_whole(gm)
     return aot_autograd(fw_compiler=forward_compiler, decompositions=decomposition_table(),
                         keep_inference_input_mutations=True)(gm, example_inputs)
