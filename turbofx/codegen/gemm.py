@@ -250,20 +250,22 @@ def tfx_gemm(A, B, O, BIAS, RES, RS, M, N_OUT, K, sab, sam, sak, sbb, sbn, sbk, 
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_ok = offs_m < M
     n_ok = offs_n < N_OUT
-    a_rows = A + bid * sab + offs_m[:, None] * sam
-    b_cols = B + bid * sbb + offs_n[None, :] * sbn
+    # Rows and columns past the end read row / column 0 instead (their results are never stored),
+    # so only K needs a mask; the pointers advance by one K tile per step.
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + bid * sab + (offs_m % M)[:, None] * sam + offs_k[None, :] * sak
+    b_ptrs = B + bid * sbb + (offs_n % N_OUT)[None, :] * sbn + offs_k[:, None] * sbk
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        a = _prologue_a(tl.load(a_rows + offs_k[None, :] * sak, mask=m_ok[:, None] & k_ok[None, :], other=0.0))
-        b = _prologue_b(tl.load(b_cols + offs_k[:, None] * sbk, mask=k_ok[:, None] & n_ok[None, :], other=0.0))
+        a = _prologue_a(tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0.0))
+        b = _prologue_b(tl.load(b_ptrs, mask=offs_k[:, None] < K - k0, other=0.0))
         acc += _tile_dot(a, b, UPCAST, IEEE)
         if SWIGLU:  # the up half of B: columns N_OUT.. of the same rows
-            b = _prologue_b(tl.load(b_cols + N_OUT * sbn + offs_k[:, None] * sbk, mask=k_ok[:, None] & n_ok[None, :],
-                                    other=0.0))
+            b = _prologue_b(tl.load(b_ptrs + N_OUT * sbn, mask=offs_k[:, None] < K - k0, other=0.0))
             acc_up += _tile_dot(a, b, UPCAST, IEEE)
+        a_ptrs += BLOCK_K * sak
+        b_ptrs += BLOCK_K * sbk
     _epilogue(acc, acc_up, offs_m, offs_n, m_ok, n_ok, O + bid * sob, BIAS, RES + bid * srb, RS + bid * srsb,
               N_OUT, som, son, srm, srn)
 
@@ -526,6 +528,12 @@ def _fit(cfg: GemmConfig, spec: GemmSpec, target: Target) -> GemmConfig:
         cfg = replace(cfg, BLOCK_N=cfg.BLOCK_N // 2)
     if max(spec.a_type.itemsize, spec.b_type.itemsize) == 4 and cfg.BLOCK_K > 32:
         cfg = replace(cfg, BLOCK_K=cfg.BLOCK_K // 2)
+    # An epilogue that loads a whole tile (the residual) holds its 64-bit addresses next to the
+    # accumulator: keep at most 32 accumulator values per thread then (more warps), else 64.
+    per_thread = 32 if spec.residual else 64
+    tile = cfg.BLOCK_M * cfg.BLOCK_N * (2 if spec.swiglu else 1)
+    while cfg.regime == "tiled" and tile > per_thread * target.warp_size * cfg.num_warps and cfg.num_warps < 8:
+        cfg = replace(cfg, num_warps=cfg.num_warps * 2)
     limit = shared_limit(target)
     while shared_estimate(cfg, spec) > limit and cfg.num_stages > 1:
         cfg = replace(cfg, num_stages=cfg.num_stages - 1)
