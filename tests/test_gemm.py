@@ -260,6 +260,17 @@ def test_out_aliasing_an_input_is_refused():
         gemm(a, _rand(4, 4), GemmSpec(torch.float32), out=a)
 
 
+@pytest.mark.parametrize("m", [2, 20])
+def test_out_may_be_the_residual_in_place(m):
+    # x += linear(h): the epilogue reads each residual element before it writes that element
+    x, h, w = _rand(m, 24), _rand(m, 30), _rand(24, 30)
+    want = x + h @ w.t()
+    cfg = GemmConfig("gemv", 16, 16, 16, split_k=2, num_warps=1, num_stages=1) if m <= 16 else None
+    got = gemm(h, w, GemmSpec(torch.float32, residual=True), residual=x, out=x, config=cfg)
+    assert got is x
+    torch.testing.assert_close(x, want)
+
+
 def test_refusals_are_data():
     assert gemm_refusal(GemmSpec(torch.float16)) is None
     r = gemm_refusal(GemmSpec(torch.int8))
@@ -301,3 +312,25 @@ def test_config_table_fits_every_target(target):
                     assert shared_estimate(cfg, spec) <= shared_limit(target), (cfg, spec)
     assert seen == {"gemv", "tiled"}
     assert set(CONFIGS) >= {"sm80", "sm90", "sm100", "gfx942", "cpu"}
+
+
+# ------------------------------------------------------------------------------------ on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 128, 300])
+@pytest.mark.parametrize("fields", [dict(), dict(has_bias=True, activation="gelu_tanh", residual=True),
+                                    dict(swiglu=True, activation="silu", row_scale=True)])
+def test_table_configs_on_gpu(dtype, m, fields):
+    # the per-arch table's configs (split-K included) on real shapes with ragged tails
+    spec = GemmSpec(dtype, **fields)
+    n, k = (1000, 1500) if spec.swiglu else (1000, 1700)
+    dev = "cuda"
+    a = _rand(m, k, dtype=dtype).to(dev)
+    b = _rand(n, k, dtype=dtype, scale=k ** -0.5).to(dev)
+    n_out = n // 2 if spec.swiglu else n
+    bias = _rand(n, dtype=dtype).to(dev) if spec.has_bias else None
+    res = _rand(m, n_out, dtype=dtype).to(dev) if spec.residual else None
+    rs = (torch.rand(m) + 0.5).to(dev) if spec.row_scale else None
+    _check(spec, a, b, bias, res, rs)

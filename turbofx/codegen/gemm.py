@@ -640,7 +640,10 @@ def gemm(a: torch.Tensor, b: torch.Tensor, spec: GemmSpec, bias: torch.Tensor | 
         _check_tensor("out", out, dims, spec.out_type, device)
         if tuple(out.shape) != out_shape:
             raise GemmInputError(f"gemm: out has shape {tuple(out.shape)}, expected {out_shape}")
-        if _overlaps(out, a, b, bias, residual, row_scale):
+        # out may be the residual itself (x += linear(...)): each element is read, then written, by
+        # the program that owns it. Any other sharing could read what another program wrote.
+        same = residual is not None and _same_view(out, residual)
+        if _overlaps(out, a, b, bias, None if same else residual, row_scale):
             raise GemmInputError("gemm: out shares memory with an input; tiles would read what others wrote. "
                                  "Pass a separate out tensor")
     if out.numel() == 0:
@@ -654,6 +657,10 @@ def gemm(a: torch.Tensor, b: torch.Tensor, spec: GemmSpec, bias: torch.Tensor | 
 
 def _flag_name(name: str) -> str:
     return {"bias": "has_bias"}.get(name, name)
+
+
+def _same_view(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride()
 
 
 def _overlaps(out: torch.Tensor, *inputs) -> bool:
