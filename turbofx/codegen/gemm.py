@@ -69,6 +69,10 @@ class GemmSpec:
     allow_tf32: bool = False  # fp32 on a GPU: IEEE products unless allowed (torch's default)
 
     def __post_init__(self) -> None:
+        for name in ("dtype", "a_dtype", "b_dtype", "out_dtype"):
+            v = getattr(self, name)
+            if not isinstance(v, torch.dtype) and (v is not None or name == "dtype"):
+                raise GemmInputError(f"GemmSpec.{name} must be a torch.dtype (e.g. torch.float16), not {v!r}")
         if self.b_layout not in ("nk", "kn"):
             raise GemmInputError(f"GemmSpec.b_layout must be 'nk' ([N, K]) or 'kn' ([K, N]), not {self.b_layout!r}")
         if self.activation is not None and self.activation not in ACTIVATIONS:
