@@ -6,7 +6,6 @@ Shapes are small with ragged tails (N, K not multiples of any block) so the inte
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
