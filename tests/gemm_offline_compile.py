@@ -1,0 +1,126 @@
+"""Compile turbofx's GEMM family for a GPU architecture without a GPU (Triton + ptxas / ROCm's lld).
+
+    python tests/gemm_offline_compile.py ARCH      (80, 90, 100 for sm80/sm90/sm100; gfx942)
+
+Prints one JSON line per compiled kernel: name, case, shared bytes, spilled bytes (ptxas -v for
+CUDA, the AMDGPU metadata's spill counts for HIP) and the arch's shared-memory limit. The configs
+are the ones the family's table picks for that arch. Run in a process of its own: importing
+turbofx without a GPU switches Triton to the interpreter, so this script loads gemm.py alone.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cases(g, target):
+    """(label, spec, kernel, M, N_out, K): both regimes x a few epilogues x dtypes."""
+    import torch
+
+    S, bf16, fp16, fp32 = g.GemmSpec, torch.bfloat16, torch.float16, torch.float32
+    return [
+        ("tiled fp16 large", S(fp16), g.GEMM, 4096, 4096, 4096),
+        ("tiled bf16 mid rmsnorm+bias+gelu+residual", S(bf16, row_scale=True, has_bias=True, activation="gelu_tanh",
+                                                      residual=True), g.GEMM, 128, 4096, 4096),
+        ("tiled fp32 large ieee", S(fp32, has_bias=True), g.GEMM, 4096, 4096, 4096),
+        ("tiled bf16 swiglu", S(bf16, swiglu=True, activation="silu"), g.GEMM, 4096, 14336, 4096),
+        ("gemv bf16 decode split bias", S(bf16, has_bias=True), g.GEMV, 1, 4096, 4096),
+        ("gemv fp16 few swiglu rmsnorm", S(fp16, swiglu=True, activation="silu", row_scale=True), g.GEMV, 16, 14336,
+         4096),
+        ("gemv fp32 decode cast-in", S(fp16, a_dtype=fp32, out_dtype=fp32), g.GEMV, 3, 1024, 1024),
+        ("reduce bf16 swiglu+bias+residual", S(bf16, swiglu=True, activation="silu", has_bias=True, residual=True),
+         g.REDUCE, 1, 14336, 4096),
+    ]
+
+
+def _tl(t) -> str:
+    import torch
+
+    return {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[t]
+
+
+def main(arch: str) -> list[dict]:
+    assert "TRITON_INTERPRET" not in os.environ, "run without TRITON_INTERPRET"
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sys.path.insert(0, str(ROOT))
+    from turbofx.codegen import gemm as g  # triton is imported first: turbofx leaves the interpreter off
+    from turbofx.codegen.target import Target
+
+    hip = arch.startswith("gfx")
+    target = (Target("hip", arch, "cuda:0", warp_size=64, sm_count=304) if hip
+              else Target("cuda", f"sm{arch}", "cuda:0", sm_count=132))
+    gpu = GPUTarget("hip", arch, 64) if hip else GPUTarget("cuda", int(arch), 32)
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        for i, (label, spec, kernel, m, n_out, k) in enumerate(_cases(g, target)):
+            path = Path(d) / f"tfx_gemm_case{i}.py"  # triton.jit needs the kernels in a file of their own
+            path.write_text(g.render(spec))
+            fn = getattr(_load(f"tfx_gemm_case{i}", path), kernel)
+            cfg = g.config_for(target, spec, m, n_out, k)
+            dot = cfg.BLOCK_M >= 16
+            block_m = (max(16, 1 << (m - 1).bit_length()) if dot else max(1, 1 << (m - 1).bit_length()))
+            flags = dict(SWIGLU=spec.swiglu, UPCAST=False, IEEE=spec.dtype.itemsize == 4, BLOCK_N=cfg.BLOCK_N)
+            if kernel == g.GEMM:
+                flags.update(GROUP_M=cfg.GROUP_M, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K)
+            elif kernel == g.GEMV:
+                flags.update(SPLIT=cfg.split_k > 1, DOT=dot, BLOCK_M=block_m, BLOCK_K=cfg.BLOCK_K)
+            else:
+                flags = dict(SWIGLU=spec.swiglu, BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N)
+            # integer arguments a launch specialises (== 1): unit strides, a single row
+            ones = {n: 1 for n in ("sak", "sbk", "son", "srn") if n in fn.arg_names}
+            if m == 1:
+                ones["M"] = 1
+            constexprs = {**flags, **ones}
+            pointers = {"A": _tl(spec.a_type), "B": _tl(spec.b_type), "O": _tl(spec.out_type), "P": "*fp32",
+                        "BIAS": _tl(spec.dtype), "RES": _tl(spec.out_type), "RS": "*fp32"}
+            sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
+            out = triton.compile(ASTSource(fn, sig, constexprs), target=gpu,
+                                 options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            results.append({"kernel": kernel, "case": label, "config": str(cfg), "shared": out.metadata.shared,
+                            "spilled": _amd_spills(out) if hip else _ptxas_spills(out, int(arch)),
+                            "limit": g.shared_limit(target)})
+    return results
+
+
+def _ptxas_spills(out, arch: int) -> int:
+    """Bytes of spill stores + loads ptxas reports for the kernel's PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(out.asm["ptx"])
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", str(src),
+                              "-o", str(Path(d) / "k.o")], capture_output=True, text=True, check=True).stderr
+    found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert found, log
+    return sum(int(s) + int(l) for s, l in found)
+
+
+def _amd_spills(out) -> int:
+    text = out.asm["amdgcn"]
+    # VGPR spills go to scratch memory; SGPR spills into VGPR lanes (cheap) are not counted
+    return sum(int(v) for v in re.findall(r"\.vgpr_spill_count:\s+(\d+)", text))
+
+
+if __name__ == "__main__":
+    for row in main(sys.argv[1]):
+        print("compiled", json.dumps(row))

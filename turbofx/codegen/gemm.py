@@ -1,0 +1,726 @@
+"""GEMM kernel family: ``mm`` / ``addmm`` / ``bmm`` / ``linear`` as generated Triton kernels.
+
+A ``GemmSpec`` says what one matmul computes: operand dtypes (a prologue casts each operand to the
+matmul's dtype as it is loaded), B's layout (``"nk"``: [N, K] rows as ``nn.Linear`` stores weights,
+``"kn"``: [K, N] as ``mm`` takes them), and what the epilogue applies to the fp32 accumulator: a
+per-row scale (RMSNorm's 1/rms, with the norm's weight folded into B by ``fold_rmsnorm_weight``),
+bias, an activation or a gated activation (SwiGLU: B holds [gate; up] along N), a residual add and
+the cast to the output dtype. Prologue and epilogue are lists of typed ops (``prologue_ops`` /
+``epilogue_ops``); ``render`` turns them into Triton code around fixed kernel bodies.
+
+Two regimes, chosen by M:
+
+- GEMV / split-K (M <= ``GEMV_MAX_M``, decode): a program owns a BLOCK_N slice of outputs for all M
+  rows, so each weight row is read once; K may be split over programs, each writing an fp32
+  partial, and a second kernel sums the partials in a fixed order (deterministic, no atomics)
+  and applies the epilogue. Up to 4 rows use FMA (a broadcast product summed over K), more use
+  ``tl.dot`` with a 16-row tile.
+- Tiled GEMM (prefill): ``tl.dot`` tiles in grouped order (GROUP_M row tiles share B tiles in L2),
+  fp32 accumulation, the epilogue on the tile before it is stored.
+
+Configs per target come from a table keyed by M / N·K buckets (``config_for``); ``gemm`` is the one
+launcher that knows the kernels' arguments and grids. ``gemm_refusal`` says, as data, what the
+family does not do, so lowering can keep those matmuls extern.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import Union
+
+import torch
+
+from turbofx.codegen.ops import TL_DTYPE, _gelu, _sigmoid
+from turbofx.codegen.target import Target, detect
+from turbofx.errors import TurbofxError
+
+GEMM = "tfx_gemm"
+GEMV = "tfx_gemv"
+REDUCE = "tfx_gemm_reduce"
+GEMV_MAX_M = 16  # at most this many rows: the GEMV / split-K kernel
+FMA_MAX_M = 4  # at most this many rows: GEMV by FMA (more rows: tl.dot on a 16-row tile)
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+ACTIVATIONS = ("silu", "gelu_tanh", "relu")
+# Shared memory one block may use (opt-in maximum), by arch; Target.shared_mem wins when known.
+SHARED_LIMIT = {"sm80": 163 * 1024, "sm86": 99 * 1024, "sm89": 99 * 1024, "sm90": 227 * 1024,
+                "sm100": 227 * 1024, "gfx942": 64 * 1024}
+
+
+class GemmInputError(TurbofxError, ValueError):
+    """The GEMM launcher was called with tensors its spec does not describe."""
+
+
+# ---------------------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class GemmSpec:
+    dtype: torch.dtype  # the matmul's dtype: both operands are rounded to it as they are loaded
+    a_dtype: torch.dtype | None = None  # stored dtype of A (None: dtype); differs = fused cast
+    b_dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None  # None: dtype
+    b_layout: str = "nk"  # "nk": B is [N, K] (nn.Linear weight); "kn": B is [K, N] (mm, bmm)
+    has_bias: bool = False
+    activation: str | None = None  # None | "silu" | "gelu_tanh" | "relu"
+    swiglu: bool = False  # B holds [gate; up] along N: out = activation(gate) * up, N / 2 columns
+    residual: bool = False
+    row_scale: bool = False  # accumulator row i times row_scale[i] (RMSNorm's 1/rms)
+    batched: bool = False  # A [Bt, M, K], B [Bt, ...], out [Bt, M, N]
+    allow_tf32: bool = False  # fp32 on a GPU: IEEE products unless allowed (torch's default)
+
+    def __post_init__(self) -> None:
+        for name in ("dtype", "a_dtype", "b_dtype", "out_dtype"):
+            v = getattr(self, name)
+            if not isinstance(v, torch.dtype) and (v is not None or name == "dtype"):
+                raise GemmInputError(f"GemmSpec.{name} must be a torch.dtype (e.g. torch.float16), not {v!r}")
+        if self.b_layout not in ("nk", "kn"):
+            raise GemmInputError(f"GemmSpec.b_layout must be 'nk' ([N, K]) or 'kn' ([K, N]), not {self.b_layout!r}")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise GemmInputError(f"GemmSpec.activation {self.activation!r} is not one of {ACTIVATIONS} (or None)")
+        if self.swiglu and self.activation is None:
+            raise GemmInputError("GemmSpec(swiglu=True) needs the gate's activation: activation='silu' for SwiGLU "
+                                 "('gelu_tanh' for GeGLU)")
+
+    @property
+    def a_type(self) -> torch.dtype:
+        return self.a_dtype or self.dtype
+
+    @property
+    def b_type(self) -> torch.dtype:
+        return self.b_dtype or self.dtype
+
+    @property
+    def out_type(self) -> torch.dtype:
+        return self.out_dtype or self.dtype
+
+
+# Prologue / epilogue ops: what is done, not how Triton spells it (``_emit_*`` does that).
+@dataclass(frozen=True)
+class CastOperand:
+    operand: str  # "a" | "b"
+    dtype: torch.dtype  # rounded to this as it is loaded
+
+
+@dataclass(frozen=True)
+class RowScale:
+    pass
+
+
+@dataclass(frozen=True)
+class AddBias:
+    pass
+
+
+@dataclass(frozen=True)
+class Activation:
+    kind: str
+
+
+@dataclass(frozen=True)
+class GatedActivation:  # activation(gate) * up
+    kind: str
+
+
+@dataclass(frozen=True)
+class AddResidual:
+    pass
+
+
+@dataclass(frozen=True)
+class Store:
+    dtype: torch.dtype
+
+
+PrologueOp = CastOperand
+EpilogueOp = Union[RowScale, AddBias, Activation, GatedActivation, AddResidual, Store]
+
+
+def prologue_ops(spec: GemmSpec) -> tuple[PrologueOp, ...]:
+    return tuple(CastOperand(name, spec.dtype) for name, t in (("a", spec.a_type), ("b", spec.b_type))
+                 if t != spec.dtype)
+
+
+def epilogue_ops(spec: GemmSpec) -> tuple[EpilogueOp, ...]:
+    """In the order they apply: the row scale belongs to the matmul itself ((x·rs) @ W' = rs·(x @ W')),
+    so it comes before the bias; the residual is added to the activated value."""
+    ops: list[EpilogueOp] = []
+    if spec.row_scale:
+        ops.append(RowScale())
+    if spec.has_bias:
+        ops.append(AddBias())
+    if spec.swiglu:
+        ops.append(GatedActivation(spec.activation))
+    elif spec.activation:
+        ops.append(Activation(spec.activation))
+    if spec.residual:
+        ops.append(AddResidual())
+    ops.append(Store(spec.out_type))
+    return tuple(ops)
+
+
+def fold_rmsnorm_weight(weight: torch.Tensor, norm_weight: torch.Tensor, layout: str = "nk") -> torch.Tensor:
+    """B with RMSNorm's weight g folded into its K axis: rmsnorm(x) @ W^T = rs · (x @ (W·g)^T),
+    rs the per-row 1/rms (``rmsnorm_row_scale``), so the norm becomes the GEMM's row scale."""
+    k_dim = 1 if layout == "nk" else 0
+    if weight.dim() != 2 or norm_weight.dim() != 1 or norm_weight.shape[0] != weight.shape[k_dim]:
+        raise GemmInputError(f"fold_rmsnorm_weight: weight {tuple(weight.shape)} (layout {layout!r}) and norm weight "
+                             f"{tuple(norm_weight.shape)} do not share K: the norm weight must have one value per "
+                             "input feature")
+    g = norm_weight.to(torch.float32)
+    g = g[None, :] if layout == "nk" else g[:, None]
+    return (weight.to(torch.float32) * g).to(weight.dtype)
+
+
+def rmsnorm_row_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-row 1 / rms(x) in fp32 over the last dim (what RMSNorm multiplies each row by)."""
+    return torch.rsqrt(x.to(torch.float32).pow(2).mean(-1) + eps)
+
+
+# ------------------------------------------------------------------------------------ refusals
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: str  # stable short id: "dtype", "strides", "batch-broadcast", "swiglu-odd-n"
+    detail: str
+
+
+def _unit_stride(shape, stride) -> bool:
+    """Row- or column-major in the last two dims (size-1 dims count as either)."""
+    (r, c), (sr, sc) = shape[-2:], stride[-2:]
+    return sc == 1 or sr == 1 or c == 1 or r == 1
+
+
+def gemm_refusal(spec: GemmSpec, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> Refusal | None:
+    """Why the family does not generate this matmul (None: it does). Lowering keeps refused
+    matmuls extern."""
+    for what, t in (("matmul", spec.dtype), ("A", spec.a_type), ("B", spec.b_type), ("output", spec.out_type)):
+        if t not in FLOATS:
+            return Refusal("dtype", f"{what} dtype {t} (the template does fp16, bf16 and fp32; integer, fp64 and "
+                                    "fp8 matmuls stay extern)")
+    if a is None or b is None:
+        return None
+    for name, t in (("A", a), ("B", b)):
+        if t.dim() >= 2 and not _unit_stride(t.shape, t.stride()):
+            return Refusal("strides", f"{name} has strides {t.stride()}: neither row- nor column-major, so "
+                                      "its tiles would be gathers")
+    if spec.batched and a.dim() == 3 and b.dim() == 3 and a.shape[0] != b.shape[0]:
+        return Refusal("batch-broadcast", f"batch sizes {a.shape[0]} and {b.shape[0]} differ (broadcast bmm)")
+    if spec.swiglu and b.dim() >= 2 and _n_of(spec, b) % 2:
+        return Refusal("swiglu-odd-n", f"B has {_n_of(spec, b)} output columns: [gate; up] needs an even number")
+    return None
+
+
+def _n_of(spec: GemmSpec, b: torch.Tensor) -> int:
+    return b.shape[-2] if spec.b_layout == "nk" else b.shape[-1]
+
+
+def _k_of(spec: GemmSpec, b: torch.Tensor) -> int:
+    return b.shape[-1] if spec.b_layout == "nk" else b.shape[-2]
+
+
+# --------------------------------------------------------------------------------------- source
+
+TEMPLATE = '''
+
+@triton.jit
+def _tile_dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # a [BM, BK] @ b [BK, BN] in fp32. The interpreter computes bf16 dots wrongly: fp32 there.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def tfx_gemm(A, B, O, BIAS, RES, RS, M, N_OUT, K, sab, sam, sak, sbb, sbn, sbk, sob, som, son,
+             srb, srm, srn, srsb, GROUPS_M,
+             SWIGLU: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, GROUP_M: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Tiled GEMM: one program per [BLOCK_M, BLOCK_N] output tile, tiles in grouped order: GROUP_M
+    # consecutive programs walk down a column of row tiles, so they share B tiles while cached.
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot tiles are at least 16 wide")
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    n_tiles = tl.cdiv(N_OUT, BLOCK_N)
+    group = GROUP_M * n_tiles
+    first_m = (pid // group) * GROUP_M
+    group_m = tl.minimum(GROUPS_M - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_ok = offs_m < M
+    n_ok = offs_n < N_OUT
+    # Rows and columns past the end read row / column 0 instead (their results are never stored),
+    # so only K needs a mask; the pointers advance by one K tile per step.
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + bid * sab + (offs_m % M)[:, None] * sam + offs_k[None, :] * sak
+    b_ptrs = B + bid * sbb + (offs_n % N_OUT)[None, :] * sbn + offs_k[:, None] * sbk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = _prologue_a(tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0.0))
+        b = _prologue_b(tl.load(b_ptrs, mask=offs_k[:, None] < K - k0, other=0.0))
+        acc += _tile_dot(a, b, UPCAST, IEEE)
+        if SWIGLU:  # the up half of B: columns N_OUT.. of the same rows
+            b = _prologue_b(tl.load(b_ptrs + N_OUT * sbn, mask=offs_k[:, None] < K - k0, other=0.0))
+            acc_up += _tile_dot(a, b, UPCAST, IEEE)
+        a_ptrs += BLOCK_K * sak
+        b_ptrs += BLOCK_K * sbk
+    _epilogue(acc, acc_up, offs_m, offs_n, m_ok, n_ok, O + bid * sob, BIAS, RES + bid * srb, RS + bid * srsb,
+              N_OUT, som, son, srm, srn)
+
+
+@triton.jit
+def _gemv_step(a, w, DOT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # a [BM, BK] times w [BN, BK] (weight rows, K-contiguous) summed over K: [BM, BN] in fp32
+    if DOT:
+        return _tile_dot(a, tl.trans(w), UPCAST, IEEE)
+    else:
+        return tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+
+
+@triton.jit
+def tfx_gemv(A, B, O, P, BIAS, RES, RS, M, N_OUT, K, k_chunk, n_splits, sab, sam, sak, sbb, sbn, sbk,
+             sob, som, son, srb, srm, srn, srsb,
+             SWIGLU: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Few rows (decode): a program owns BLOCK_N outputs of every row (M <= BLOCK_M) over one chunk
+    # of K, so each weight row is read once. SPLIT: the fp32 partial goes to P[batch, split] and
+    # tfx_gemm_reduce finishes; else the epilogue runs here.
+    tl.static_assert(DOT or BLOCK_M * BLOCK_N * BLOCK_K <= 65536, "FMA GEMV tile too large for registers")
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    bid = tl.program_id(2).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_ok = offs_m < M
+    n_ok = offs_n < N_OUT
+    k_lo = split * k_chunk
+    k_hi = tl.minimum(K, k_lo + k_chunk)
+    a_rows = A + bid * sab + offs_m[:, None] * sam
+    w_rows = B + bid * sbb + offs_n[:, None] * sbn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
+        a = _prologue_a(tl.load(a_rows + offs_k[None, :] * sak, mask=m_ok[:, None] & k_ok[None, :], other=0.0))
+        w = _prologue_b(tl.load(w_rows + offs_k[None, :] * sbk, mask=n_ok[:, None] & k_ok[None, :], other=0.0))
+        acc += _gemv_step(a, w, DOT, UPCAST, IEEE)
+        if SWIGLU:
+            w = _prologue_b(tl.load(w_rows + N_OUT * sbn + offs_k[None, :] * sbk, mask=n_ok[:, None] & k_ok[None, :],
+                                    other=0.0))
+            acc_up += _gemv_step(a, w, DOT, UPCAST, IEEE)
+    if SPLIT:  # partials laid out [batch, split, M, N_OUT * (2 if SWIGLU)]
+        width = N_OUT * 2 if SWIGLU else N_OUT
+        part = P + ((bid * n_splits + split) * M + offs_m[:, None]) * width + offs_n[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        tl.store(part, acc, mask=ok)
+        if SWIGLU:
+            tl.store(part + N_OUT, acc_up, mask=ok)
+    else:
+        _epilogue(acc, acc_up, offs_m, offs_n, m_ok, n_ok, O + bid * sob, BIAS, RES + bid * srb, RS + bid * srsb,
+                  N_OUT, som, son, srm, srn)
+
+
+@triton.jit
+def tfx_gemm_reduce(P, O, BIAS, RES, RS, M, N_OUT, n_splits, sob, som, son, srb, srm, srn, srsb,
+                    SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Second pass of split-K: the partials summed in split order (deterministic), then the epilogue.
+    pid_n = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_ok = offs_m < M
+    n_ok = offs_n < N_OUT
+    ok = m_ok[:, None] & n_ok[None, :]
+    width = N_OUT * 2 if SWIGLU else N_OUT
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for s in range(0, n_splits):
+        part = P + ((bid * n_splits + s) * M + offs_m[:, None]) * width + offs_n[None, :]
+        acc += tl.load(part, mask=ok, other=0.0)
+        if SWIGLU:
+            acc_up += tl.load(part + N_OUT, mask=ok, other=0.0)
+    _epilogue(acc, acc_up, offs_m, offs_n, m_ok, n_ok, O + bid * sob, BIAS, RES + bid * srb, RS + bid * srsb,
+              N_OUT, som, son, srm, srn)
+'''
+
+
+def _activation(kind: str, x: str) -> str:
+    if kind == "silu":
+        return f"({x} * {_sigmoid(x)})"
+    if kind == "gelu_tanh":
+        return _gelu(x, "tanh")
+    if kind == "relu":  # NaN stays NaN, as torch.relu (tl.maximum would drop it)
+        return f"tl.where({x} != {x}, {x}, tl.maximum({x}, 0.0))"
+    raise AssertionError(f"turbofx bug: activation {kind!r} has no emitter (please report it)")
+
+
+def _emit_prologue(ops: tuple[PrologueOp, ...], operand: str) -> list[str]:
+    lines = [f"def _prologue_{operand}(x):"]
+    for op in ops:
+        if op.operand == operand:
+            lines.append(f"    x = x.to({TL_DTYPE[op.dtype]})")
+    lines.append("    return x")
+    return lines
+
+
+def _emit_epilogue(ops: tuple[EpilogueOp, ...], swiglu: bool) -> list[str]:
+    """The epilogue as one jit helper: acc (and acc_up, SwiGLU's up half) [BM, BN] in fp32 to the
+    stored output tile."""
+    body: list[str] = []
+    live = ["acc", "acc_up"] if swiglu else ["acc"]
+    for op in ops:
+        if isinstance(op, RowScale):
+            body.append("rs = tl.load(RS + offs_m, mask=m_ok, other=0.0).to(tl.float32)")
+            body += [f"{v} = {v} * rs[:, None]" for v in live]
+        elif isinstance(op, AddBias):
+            body.append("acc = acc + tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]")
+            if swiglu:
+                body.append("acc_up = acc_up + tl.load(BIAS + N_OUT + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]")
+        elif isinstance(op, Activation):
+            body.append(f"acc = {_activation(op.kind, 'acc')}")
+        elif isinstance(op, GatedActivation):
+            body.append(f"acc = {_activation(op.kind, 'acc')} * acc_up")
+            live = ["acc"]
+        elif isinstance(op, AddResidual):
+            body.append("acc = acc + tl.load(RES + offs_m[:, None] * srm + offs_n[None, :] * srn, "
+                        "mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)")
+        elif isinstance(op, Store):
+            body.append(f"tl.store(O + offs_m[:, None] * som + offs_n[None, :] * son, acc.to({TL_DTYPE[op.dtype]}), "
+                        "mask=m_ok[:, None] & n_ok[None, :])")
+        else:
+            raise AssertionError(f"turbofx bug: epilogue op {op!r} has no emitter (please report it)")
+    return ["def _epilogue(acc, acc_up, offs_m, offs_n, m_ok, n_ok, O, BIAS, RES, RS, N_OUT, som, son, srm, srn):",
+            *("    " + line for line in body)]
+
+
+@functools.lru_cache(maxsize=None)
+def render(spec: GemmSpec) -> str:
+    """The family's Triton source for ``spec`` (all three kernels; the target only changes
+    constexpr arguments, so one source serves every target)."""
+    pro = prologue_ops(spec)
+    parts = ["import triton", "import triton.language as tl", "", "",
+             "@triton.jit", *_emit_prologue(pro, "a"), "", "",
+             "@triton.jit", *_emit_prologue(pro, "b"), "", "",
+             "@triton.jit", *_emit_epilogue(epilogue_ops(spec), spec.swiglu)]
+    return "\n".join(parts) + TEMPLATE
+
+
+# --------------------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    regime: str  # "gemv" (few rows, split-K) | "tiled" (tl.dot tiles)
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    split_k: int = 1  # gemv: the most K chunks (the launcher uses fewer when N fills the GPU)
+    num_warps: int = 4
+    num_stages: int = 3
+    GROUP_M: int = 8
+
+    def __post_init__(self) -> None:
+        if self.regime not in ("gemv", "tiled"):
+            raise GemmInputError(f"GemmConfig.regime must be 'gemv' or 'tiled', not {self.regime!r}")
+        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise GemmInputError(f"GemmConfig.{name}={v} must be a power of two")
+        if self.regime == "tiled" and min(self.BLOCK_M, self.BLOCK_N, self.BLOCK_K) < 16:
+            raise GemmInputError("a tiled GemmConfig needs BLOCK_M, BLOCK_N, BLOCK_K >= 16 (tl.dot)")
+        if self.split_k < 1 or self.GROUP_M < 1 or self.num_warps < 1 or self.num_stages < 1:
+            raise GemmInputError(f"GemmConfig {self}: split_k, GROUP_M, num_warps and num_stages must be >= 1")
+
+
+def m_bucket(m: int) -> str:
+    if m <= FMA_MAX_M:
+        return "decode"
+    if m <= GEMV_MAX_M:
+        return "few"
+    return "mid" if m <= 128 else "large"
+
+
+def nk_bucket(n: int, k: int) -> str:
+    return "large" if n * k >= 1 << 22 else "small"
+
+
+_G, _T = "gemv", "tiled"
+# (M bucket, N·K bucket) -> config, per arch family. fp16/bf16 numbers; fp32 and SwiGLU are fitted
+# to the target by _fit. The decode FMA tile keeps BLOCK_M·BLOCK_N·BLOCK_K / threads <= 64.
+CONFIGS: dict[str, dict[tuple[str, str], GemmConfig]] = {
+    "sm80": {
+        ("decode", "small"): GemmConfig(_G, 4, 16, 128, split_k=4, num_warps=4, num_stages=2),
+        ("decode", "large"): GemmConfig(_G, 4, 16, 128, split_k=8, num_warps=4, num_stages=2),
+        ("few", "small"): GemmConfig(_G, 16, 64, 64, split_k=4, num_warps=4, num_stages=3),
+        ("few", "large"): GemmConfig(_G, 16, 64, 128, split_k=8, num_warps=4, num_stages=3),
+        ("mid", "small"): GemmConfig(_T, 64, 64, 32, num_warps=4, num_stages=4),
+        ("mid", "large"): GemmConfig(_T, 64, 128, 32, num_warps=4, num_stages=4),
+        ("large", "small"): GemmConfig(_T, 128, 64, 32, num_warps=4, num_stages=4),
+        ("large", "large"): GemmConfig(_T, 128, 128, 32, num_warps=8, num_stages=4),
+    },
+    "sm90": {
+        ("decode", "small"): GemmConfig(_G, 4, 16, 128, split_k=4, num_warps=4, num_stages=2),
+        ("decode", "large"): GemmConfig(_G, 4, 16, 128, split_k=8, num_warps=4, num_stages=2),
+        ("few", "small"): GemmConfig(_G, 16, 64, 64, split_k=4, num_warps=4, num_stages=3),
+        ("few", "large"): GemmConfig(_G, 16, 64, 128, split_k=8, num_warps=4, num_stages=4),
+        ("mid", "small"): GemmConfig(_T, 64, 64, 64, num_warps=4, num_stages=4),
+        ("mid", "large"): GemmConfig(_T, 64, 128, 64, num_warps=4, num_stages=4),
+        ("large", "small"): GemmConfig(_T, 128, 64, 64, num_warps=4, num_stages=4),
+        ("large", "large"): GemmConfig(_T, 128, 128, 64, num_warps=8, num_stages=3),
+    },
+    "gfx942": {  # 64-wide wavefronts, 64 KiB LDS: fewer stages
+        ("decode", "small"): GemmConfig(_G, 4, 16, 128, split_k=4, num_warps=4, num_stages=1),
+        ("decode", "large"): GemmConfig(_G, 4, 16, 128, split_k=8, num_warps=4, num_stages=1),
+        ("few", "small"): GemmConfig(_G, 16, 64, 64, split_k=4, num_warps=4, num_stages=2),
+        ("few", "large"): GemmConfig(_G, 16, 64, 128, split_k=8, num_warps=4, num_stages=2),
+        ("mid", "small"): GemmConfig(_T, 64, 64, 64, num_warps=4, num_stages=2),
+        ("mid", "large"): GemmConfig(_T, 64, 128, 32, num_warps=4, num_stages=2),
+        ("large", "small"): GemmConfig(_T, 128, 64, 32, num_warps=4, num_stages=2),
+        ("large", "large"): GemmConfig(_T, 128, 128, 32, num_warps=8, num_stages=2),
+    },
+    # The interpreter runs programs one by one in Python: few, large ones; no K split.
+    "cpu": {
+        ("decode", "small"): GemmConfig(_G, 4, 128, 128, num_warps=1, num_stages=1),
+        ("few", "small"): GemmConfig(_G, 16, 128, 128, num_warps=1, num_stages=1),
+        ("mid", "small"): GemmConfig(_T, 64, 128, 128, num_warps=1, num_stages=1, GROUP_M=4),
+        ("large", "small"): GemmConfig(_T, 128, 128, 128, num_warps=1, num_stages=1, GROUP_M=4),
+    },
+}
+CONFIGS["sm100"] = CONFIGS["sm90"]  # until tuned on a B200: Hopper's tiles fit its 227 KiB
+
+
+def _table(target: Target) -> dict[tuple[str, str], GemmConfig]:
+    if target.interpret:
+        return CONFIGS["cpu"]
+    if target.arch in CONFIGS:
+        return CONFIGS[target.arch]
+    if target.backend == "hip":
+        return CONFIGS["gfx942"]
+    cc = int(target.arch[2:]) if target.arch[2:].isdigit() else 80
+    return CONFIGS["sm90"] if cc >= 90 else CONFIGS["sm80"]
+
+
+def shared_limit(target: Target) -> int:
+    if target.shared_mem:
+        return target.shared_mem
+    if target.interpret:
+        return 1 << 30
+    return SHARED_LIMIT.get(target.arch, 99 * 1024 if target.backend == "cuda" else 64 * 1024)
+
+
+def shared_estimate(cfg: GemmConfig, spec: GemmSpec) -> int:
+    """Bytes of shared memory the pipelined operand tiles take (an upper bound: every stage
+    holds an A and a B tile, two B tiles for SwiGLU)."""
+    ea, eb = spec.a_type.itemsize, spec.b_type.itemsize
+    b_tiles = 2 if spec.swiglu else 1
+    return cfg.num_stages * (cfg.BLOCK_M * cfg.BLOCK_K * ea + b_tiles * cfg.BLOCK_K * cfg.BLOCK_N * eb)
+
+
+def _fit(cfg: GemmConfig, spec: GemmSpec, target: Target) -> GemmConfig:
+    """The table's fp16 config adapted: SwiGLU keeps two accumulators (half the tile width),
+    4-byte operands halve BLOCK_K, then stages / BLOCK_K shrink until shared memory fits."""
+    if target.interpret:
+        return cfg
+    if spec.swiglu and cfg.BLOCK_N >= 32 and (cfg.regime == "tiled" or cfg.BLOCK_M > FMA_MAX_M):
+        cfg = replace(cfg, BLOCK_N=cfg.BLOCK_N // 2)
+    if max(spec.a_type.itemsize, spec.b_type.itemsize) == 4 and cfg.BLOCK_K > 32:
+        cfg = replace(cfg, BLOCK_K=cfg.BLOCK_K // 2)
+    # An epilogue that loads a whole tile (the residual) holds its 64-bit addresses next to the
+    # accumulator: keep at most 32 accumulator values per thread then (more warps), else 64.
+    per_thread = 32 if spec.residual else 64
+    tile = cfg.BLOCK_M * cfg.BLOCK_N * (2 if spec.swiglu else 1)
+    while cfg.regime == "tiled" and tile > per_thread * target.warp_size * cfg.num_warps and cfg.num_warps < 8:
+        cfg = replace(cfg, num_warps=cfg.num_warps * 2)
+    limit = shared_limit(target)
+    while shared_estimate(cfg, spec) > limit and cfg.num_stages > 1:
+        cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+    while shared_estimate(cfg, spec) > limit and cfg.BLOCK_K > 16:
+        cfg = replace(cfg, BLOCK_K=cfg.BLOCK_K // 2)
+    return cfg
+
+
+def config_for(target: Target, spec: GemmSpec, m: int, n: int, k: int) -> GemmConfig:
+    """The config for an [M, K] x [K, N] matmul (N: output columns) on ``target``."""
+    table = _table(target)
+    mb = m_bucket(m)
+    cfg = table.get((mb, nk_bucket(n, k))) or table[(mb, "small")]
+    return _fit(cfg, spec, target)
+
+
+def split_k_for(cfg: GemmConfig, target: Target, programs: int, k: int) -> int:
+    """K chunks for the GEMV kernel: only when its N-slices (``programs``) cannot fill the GPU
+    twice over, at most ``cfg.split_k``, each chunk at least one BLOCK_K tile."""
+    tiles = -(-k // cfg.BLOCK_K)
+    if cfg.split_k == 1 or tiles <= 1:
+        return 1
+    if not target.interpret and programs >= 2 * target.sm_count:
+        return 1
+    want = cfg.split_k if target.interpret else -(-2 * target.sm_count // max(programs, 1))
+    return max(1, min(cfg.split_k, tiles, want))
+
+
+# -------------------------------------------------------------------------------------- launcher
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _kernels(spec: GemmSpec, target: Target):
+    from turbofx.codegen import cache
+
+    source = render(spec)
+    return tuple(cache.load(name, source, target) for name in (GEMM, GEMV, REDUCE))
+
+
+def _check_tensor(name: str, t, dims: int, dtype: torch.dtype | None, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise GemmInputError(f"gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise GemmInputError(f"gemm: {name} must have {dims} dims, got shape {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise GemmInputError(f"gemm: {name} is {t.dtype} but the spec says {dtype}: build the GemmSpec from the "
+                             "tensors' dtypes (or cast them)")
+    if dtype is None and t.dtype not in FLOATS:
+        raise GemmInputError(f"gemm: {name} is {t.dtype}; it must be fp16, bf16 or fp32")
+    if t.device != device:
+        raise GemmInputError(f"gemm: {name} is on {t.device} but A is on {device}: put every tensor on one device")
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, spec: GemmSpec, bias: torch.Tensor | None = None,
+         residual: torch.Tensor | None = None, row_scale: torch.Tensor | None = None, out: torch.Tensor | None = None,
+         target: Target | None = None, config: GemmConfig | None = None) -> torch.Tensor:
+    """out = epilogue(prologue(A) @ prologue(B)) as ``spec`` says.
+
+    A: [M, K] ([Bt, M, K] batched). B: [N, K] (``b_layout="nk"``) or [K, N] ("kn"), batched with a
+    leading Bt. bias: [N] (SwiGLU: [2·N_out], gate's then up's). residual and out: [M, N_out]
+    (batched [Bt, M, N_out]). row_scale: [M] ([Bt, M]). Any strides. ``config`` forces a config.
+    """
+    if not isinstance(spec, GemmSpec):
+        raise GemmInputError(f"gemm: spec must be a GemmSpec, got {type(spec).__name__}")
+    dims = 3 if spec.batched else 2
+    if not isinstance(a, torch.Tensor):
+        raise GemmInputError(f"gemm: A must be a torch.Tensor, got {type(a).__name__}")
+    device = a.device
+    _check_tensor("A", a, dims, spec.a_type, device)
+    _check_tensor("B", b, dims, spec.b_type, device)
+    target = target or detect(device)
+    if (device.type == "cpu") != target.interpret:
+        raise GemmInputError(f"gemm: tensors on {device} cannot run on target {target.describe()}: the CPU runs "
+                             "kernels in the interpreter (target cpu-interpret), GPUs need their tensors on the GPU")
+    refusal = gemm_refusal(spec, a, b)
+    if refusal is not None:
+        raise GemmInputError(f"gemm: the GEMM template does not do this matmul ({refusal.code}: {refusal.detail}); "
+                             "use torch's matmul for it")
+    batch = a.shape[0] if spec.batched else 1
+    if spec.batched and b.shape[0] != batch:
+        raise GemmInputError(f"gemm: A has batch {batch} but B has {b.shape[0]}")
+    m, k = a.shape[-2:]
+    n, kb = _n_of(spec, b), _k_of(spec, b)
+    if kb != k:
+        layout = "[N, K]" if spec.b_layout == "nk" else "[K, N]"
+        raise GemmInputError(f"gemm: A {tuple(a.shape)} has K={k} but B {tuple(b.shape)} (layout {layout}) has K={kb}")
+    n_out = n // 2 if spec.swiglu else n
+    out_shape = (batch, m, n_out) if spec.batched else (m, n_out)
+    for name, t, want, flag in (("bias", bias, (n,), spec.has_bias), ("residual", residual, out_shape, spec.residual),
+                                ("row_scale", row_scale, out_shape[:-1], spec.row_scale)):
+        if flag != (t is not None):
+            raise GemmInputError(f"gemm: the spec {'needs' if flag else 'has no'} {name} but it was "
+                                 f"{'not given' if flag else 'given'}: set GemmSpec({_flag_name(name)}=...) to match")
+        if t is not None:
+            _check_tensor(name, t, len(want), None, device)
+            if tuple(t.shape) != want:
+                raise GemmInputError(f"gemm: {name} has shape {tuple(t.shape)}, expected {want}")
+    if out is None:
+        out = torch.empty(out_shape, dtype=spec.out_type, device=device)
+    else:
+        _check_tensor("out", out, dims, spec.out_type, device)
+        if tuple(out.shape) != out_shape:
+            raise GemmInputError(f"gemm: out has shape {tuple(out.shape)}, expected {out_shape}")
+        # out may be the residual itself (x += linear(...)): each element is read, then written, by
+        # the program that owns it. Any other sharing could read what another program wrote.
+        same = residual is not None and _same_view(out, residual)
+        if _overlaps(out, a, b, bias, None if same else residual, row_scale):
+            raise GemmInputError("gemm: out shares memory with an input; tiles would read what others wrote. "
+                                 "Pass a separate out tensor")
+    if out.numel() == 0:
+        return out
+    cfg = config or config_for(target, spec, m, n_out, k)
+    if cfg.regime == "gemv" and m > cfg.BLOCK_M:
+        raise GemmInputError(f"gemm: a GEMV config covers at most BLOCK_M={cfg.BLOCK_M} rows; M={m}")
+    _launch(a, b, spec, bias, residual, row_scale, out, target, cfg, batch, m, n_out, k)
+    return out
+
+
+def _flag_name(name: str) -> str:
+    return {"bias": "has_bias"}.get(name, name)
+
+
+def _same_view(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride()
+
+
+def _overlaps(out: torch.Tensor, *inputs) -> bool:
+    for t in inputs:
+        if t is not None and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            return True
+    return False
+
+
+def _strides3(t: torch.Tensor | None, batched: bool) -> tuple[int, int, int]:
+    """(batch, row, column) strides; batch 0 when unbatched."""
+    if t is None:
+        return 0, 0, 0
+    return (t.stride(0), t.stride(1), t.stride(2)) if batched else (0, t.stride(0), t.stride(1))
+
+
+def _launch(a, b, spec: GemmSpec, bias, residual, row_scale, out, target: Target, cfg: GemmConfig, batch: int,
+            m: int, n_out: int, k: int) -> None:
+    gemm_fn, gemv_fn, reduce_fn = _kernels(spec, target)
+    bt = spec.batched
+    sab, sam, sak = _strides3(a, bt)
+    sbb, sr, sc = _strides3(b, bt)
+    sbn, sbk = (sr, sc) if spec.b_layout == "nk" else (sc, sr)
+    sob, som, son = _strides3(out, bt)
+    srb, srm, srn = _strides3(residual, bt)
+    srsb = row_scale.stride(0) if (row_scale is not None and bt) else 0
+    if row_scale is not None and row_scale.stride(-1) != 1:
+        row_scale = row_scale.contiguous()
+        srsb = row_scale.stride(0) if bt else 0
+    # absent operands: any valid pointer (their loads are compiled out)
+    bias_t, res_t, rs_t = (bias if bias is not None else out, residual if residual is not None else out,
+                           row_scale if row_scale is not None else out)
+    upcast = target.interpret
+    ieee = spec.dtype == torch.float32 and not spec.allow_tf32 and not target.interpret
+    common = dict(SWIGLU=spec.swiglu, num_warps=cfg.num_warps)
+    if cfg.regime == "tiled":
+        groups_m = -(-m // cfg.BLOCK_M)
+        grid = (groups_m * -(-n_out // cfg.BLOCK_N), batch)
+        gemm_fn[grid](a, b, out, bias_t, res_t, rs_t, m, n_out, k, sab, sam, sak, sbb, sbn, sbk, sob, som, son,
+                      srb, srm, srn, srsb, groups_m, UPCAST=upcast, IEEE=ieee, GROUP_M=cfg.GROUP_M,
+                      BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_stages=cfg.num_stages,
+                      **common)
+        return
+    dot = cfg.BLOCK_M >= 16  # a 16-row tl.dot tile; fewer rows: FMA on just the rows there are
+    block_m = max(16, _pow2(m)) if dot else _pow2(m)
+    n_tiles = -(-n_out // cfg.BLOCK_N)
+    splits = split_k_for(cfg, target, n_tiles * batch, k)
+    k_chunk = -(-(-(-k // cfg.BLOCK_K)) // splits) * cfg.BLOCK_K
+    splits = max(1, -(-k // k_chunk)) if k else 1  # no empty chunk
+    k_chunk = k_chunk if k else 0
+    width = n_out * 2 if spec.swiglu else n_out
+    part = torch.empty((batch, splits, m, width), dtype=torch.float32, device=out.device) if splits > 1 else out
+    gemv_fn[(n_tiles, splits, batch)](a, b, out, part, bias_t, res_t, rs_t, m, n_out, k, k_chunk, splits,
+                                      sab, sam, sak, sbb, sbn, sbk, sob, som, son, srb, srm, srn, srsb,
+                                      SPLIT=splits > 1, DOT=dot, UPCAST=upcast, IEEE=ieee, BLOCK_M=block_m,
+                                      BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_stages=cfg.num_stages, **common)
+    if splits > 1:
+        reduce_fn[(n_tiles, batch)](part, out, bias_t, res_t, rs_t, m, n_out, splits, sob, som, son, srb, srm, srn,
+                                    srsb, BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N, **common)
