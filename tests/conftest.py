@@ -3,6 +3,7 @@
 * ``TURBOFX_CACHE_DIR`` points at a fresh temporary directory for the whole session. It is set at
   import time, before any test module imports turbofx, so no test reads or writes the user's
   kernel cache (~/.cache/turbofx).
+* ``@pytest.mark.slow`` tests are skipped unless ``TURBOFX_SLOW=1``.
 * ``@pytest.mark.gpu`` tests are skipped when no CUDA device is present (without a GPU, turbofx
   runs its Triton kernels in Triton's interpreter on the CPU).
 * Every test starts from ``torch.manual_seed(0)``.
@@ -25,12 +26,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a GPU (torch.cuda.is_available() is false)")
+    slow = pytest.mark.skip(reason="slow (minutes on 2 cores): set TURBOFX_SLOW=1 to run")
+    gpu = pytest.mark.skip(reason="needs a GPU (torch.cuda.is_available() is false)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not os.environ.get("TURBOFX_SLOW"):
+            item.add_marker(slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(gpu)
 
 
 def pytest_unconfigure(config):
