@@ -93,8 +93,9 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
     training = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
     if training:
         # turbofx's programs are inference-only for now: a training call runs the ATen graphs
-        # AOTAutograd makes, without turbofx's decomposition table (it is an inference table: in a
-        # joint graph it gave a tiny llama wrong gradients, loss right). explain says so.
+        # AOTAutograd makes, without turbofx's decomposition table: torch's core ATen table, which
+        # it extends, gives a tiny llama wrong gradients in a joint graph (loss right; seen with
+        # torch 2.13 and no turbofx code in the loop). explain says so.
         def aten_compiler(fx_graph, inputs):
             from turbofx.compiler.driver import Report
 
