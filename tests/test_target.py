@@ -105,3 +105,25 @@ def test_interpreter_refuses_triton36_with_new_numpy(triton_v, numpy_v, ok):
     else:
         with pytest.raises(TargetError, match="numpy < 2.3"):
             check_interpreter_versions(triton_v, numpy_v)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_gpu_target_is_refused_before_capture(monkeypatch):
+    """A target this machine cannot provide fails before torch.export runs (no wasted capture)."""
+    import turbofx.compiler.driver as driver
+
+    def no_capture(*a, **k):
+        raise AssertionError("capture ran before the target was checked")
+
+    monkeypatch.setattr(driver, "capture_module", no_capture)
+    with pytest.raises(TargetError, match="GPU"):
+        turbofx.compile(torch.nn.Linear(2, 2), (torch.randn(1, 2),), target="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_cli_refuses_a_missing_gpu_before_loading_anything():
+    from turbofx.compiler.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "llama", "--target", "cuda"])
+    assert e.value.code == 2

@@ -145,9 +145,10 @@ def check_name(name: str | None) -> str:
 
 
 def cli_target(name: str) -> str:
-    """argparse ``type=`` for ``--target``: refuse a bad name before any model is loaded."""
+    """argparse ``type=`` for ``--target``: refuse a bad name, or a GPU this machine lacks, before any
+    model is loaded."""
     try:
-        check_name(name)
+        detect(None, name)  # the name, and a GPU for "cuda"/"hip"
     except TargetError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return name

@@ -218,6 +218,15 @@ def _device_of(c: CapturedGraph) -> torch.device | None:
     return None
 
 
+def _first_device(module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.device | None:
+    """The device of the first real tensor among the inputs, parameters and buffers."""
+    import torch.utils._pytree as pytree
+
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    tensors += list(module.parameters()) + list(module.buffers())
+    return next((t.device for t in tensors if t.device.type != "meta"), None)
+
+
 def _dump_kernels(opts: Options, sources: dict[str, str]) -> None:
     d = opts.dump_dir or os.environ.get("TURBOFX_DUMP")
     if not d:
@@ -307,6 +316,7 @@ def compile(module: torch.nn.Module, example_args: tuple = (), example_kwargs: d
     example_kwargs = dict(example_kwargs or {})
     if not isinstance(example_args, tuple):
         example_args = (example_args,)
+    detect(_first_device(module, example_args, example_kwargs), opts.target)  # a bad target fails before capture
     with Progress(f"compiling {type(module).__name__}") as progress:
         try:
             t0 = time.perf_counter()
