@@ -135,3 +135,46 @@ def varlen_reference(q, k, v, cu_seqlens, scale, causal, compute_dtype=torch.flo
             seq = [t[a:b].transpose(0, 1)[None] for t in (q, k, v)]  # [1, H, S, D]
             out[a:b] = attention_reference(*seq, None, scale, causal, 0, 0.0, compute_dtype)[0].transpose(0, 1)
     return out
+
+
+# ---------------------------------------------------------------- autograd
+# turbofx's programs are inference-only, but a training graph may still reach these ops (a model
+# or a test calling them, a graph AOTAutograd differentiates). Their backward recomputes the
+# differentiable reference under autograd and takes its vector-Jacobian product: right gradients
+# at the cost of one more forward, never a silent "no grad_fn".
+
+def _register_recompute_backward(op, reference) -> None:
+    def setup_context(ctx, inputs, output):
+        tensors = [x if isinstance(x, torch.Tensor) else None for x in inputs]
+        ctx.save_for_backward(*tensors)
+        ctx.others = [None if isinstance(x, torch.Tensor) else x for x in inputs]
+
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        args, wrt = [], []
+        for i, (t, other) in enumerate(zip(saved, ctx.others)):
+            if t is not None and ctx.needs_input_grad[i] and t.dtype.is_floating_point:
+                t = t.detach().requires_grad_(True)
+                wrt.append((i, t))
+            args.append(t if t is not None else other)
+        if not wrt:
+            return tuple(None for _ in saved)
+        with torch.enable_grad():
+            out = reference(*args)
+        outs = [o for o in (out if isinstance(out, tuple) else (out,))]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        found = torch.autograd.grad([o for o, _ in pairs], [t for _, t in wrt], [g for _, g in pairs],
+                                    allow_unused=True)
+        result = [None] * len(saved)
+        for (i, _), g in zip(wrt, found):
+            result[i] = g
+        return tuple(result)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+_register_recompute_backward(attention, attention_reference)
+_register_recompute_backward(sdpa, lambda q, k, v, m, p, c, s, g: torch.nn.functional.scaled_dot_product_attention(
+    q, k, v, attn_mask=m, dropout_p=p, is_causal=c, scale=s, enable_gqa=g))
+_register_recompute_backward(cached_attention, cached_attention_reference)
+_register_recompute_backward(varlen_attention, varlen_reference)
