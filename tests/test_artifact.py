@@ -139,3 +139,11 @@ def test_cli_export_and_run(tmp_path, kind):
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1]:].tolist()
     assert got == ref, (got, ref)
+    if kind == "generation":  # a one-token prompt (the dynamic prefill refuses length 1): the decode program
+        r = subprocess.run([sys.executable, "-m", "turbofx.compiler.cli", "run", str(out), "--prompt", "h",
+                            "--max-new-tokens", "3"], capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        ids = torch.tensor([[b"h"[0] % model.config.vocab_size]])
+        with torch.no_grad():
+            ref = model.generate(ids, max_new_tokens=3, do_sample=False)[0, 1:].tolist()
+        assert [int(t) for t in r.stdout.splitlines()[0].split()] == ref

@@ -20,6 +20,8 @@ import torch
 
 from turbofx.errors import GenerationError
 
+from turbofx.runtime.module import describe
+
 log = logging.getLogger("turbofx.generate")
 _CACHE_KEYS = ("key_cache_", "value_cache_", "cumulative_length_")  # StaticDecoder's buffer names
 
@@ -512,7 +514,17 @@ class LoadedGeneration:
         self.prefill = load(d / "prefill", device=device, shared_state=self.decode._state)
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int) -> GenerateResult:
+        from turbofx.errors import GenerationError
+
         cache_len = self.info["max_cache_len"]
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0 \
+                or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise GenerationError(f"a generation artifact takes integer token ids of shape [1, n >= 1], got "
+                                  f"{describe(ids)}")
+        ids = ids.long()
+        vocab = self.info.get("vocab_size")
+        if vocab is not None and bool(((ids < 0) | (ids >= vocab)).any()):
+            raise GenerationError(f"token ids must lie in [0, {vocab}) (the model's vocabulary)")
         if ids.shape[1] + max_new_tokens > cache_len:
             from turbofx.errors import TurbofxError
 
@@ -523,7 +535,10 @@ class LoadedGeneration:
                 t.zero_()
         eos = self.info.get("eos_token_id")
         eos = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
-        res = decode_loop(self.prefill, self.decode, prompt_inputs(ids, torch.ones_like(ids), cache_len), ids.shape[0],
+        # The prefill program is dynamic in the prompt length, and torch.export specialises lengths
+        # 0 and 1 (its guards refuse them): a one-token prompt is exactly one decode step at slot 0.
+        prefill = self.decode if ids.shape[1] == 1 else self.prefill
+        res = decode_loop(prefill, self.decode, prompt_inputs(ids, torch.ones_like(ids), cache_len), ids.shape[0],
                           max_new_tokens, eos=eos, pad=min(eos) if eos else 0)
         res.sequences = torch.cat([ids, res.new_tokens], dim=1)
         return res
