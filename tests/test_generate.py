@@ -112,7 +112,7 @@ def test_batch_bucket_pads_rows_and_reuses_programs():
 def _programs(model):
     from turbofx.compiler import generation
 
-    return [k for engine in generation._engines[model].values() for k in engine.programs]
+    return [k for engine in model._turbofx_engines.values() for k in engine.programs]
 
 
 @pytest.mark.parametrize("window", [8, 4096])

@@ -22,7 +22,7 @@ def _hf(model, ids, n):
 def _programs(model):
     from turbofx.compiler import generation
 
-    return [k for engine in generation._engines[model].values() for k in engine.programs]
+    return [k for engine in model._turbofx_engines.values() for k in engine.programs]
 
 
 @pytest.fixture(scope="module")
@@ -142,5 +142,25 @@ def test_weights_changed_between_calls_are_used():
     assert torch.equal(out.sequences, turbofx.generate(model, ids, 3, compile=False).sequences)
     from turbofx.compiler import generation
 
-    decoders = [d for e in generation._engines[model].values() for d in e.decoders.values()]
+    decoders = [d for e in model._turbofx_engines.values() for d in e.decoders.values()]
     assert decoders and all(d.key_cache_0.dtype == torch.float64 for d in decoders)  # old caches dropped
+
+
+def test_compiled_programs_live_as_long_as_the_model():
+    """generate keeps its programs on the model: a dropped model (and its programs) is freed, and a
+    copy of the model starts without them."""
+    import copy
+    import gc
+    import weakref
+
+    from turbofx.compiler.models import make_tiny_model
+
+    model = make_tiny_model("llama")
+    turbofx.generate(model, _ids(1, 4), 2)
+    assert len(_programs(model)) == 2
+    twin = copy.deepcopy(model)
+    assert not getattr(twin, "_turbofx_engines", {})
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None

@@ -426,5 +426,6 @@ def _check_symbols(program: dict, bound: set[str]) -> None:
     missing = used - bound
     if missing:
         raise CodegenError(
-            f"sizes {sorted(missing)} are not input sizes (data-dependent shapes); "
-            "turbofx cannot run this graph yet")
+            f"sizes {sorted(missing)} cannot be read from any input's shape (computed inside the graph: data-"
+            "dependent, or left over after torch.export specialised an input dim of size 0 or 1); turbofx "
+            "cannot run this graph yet: compile with dynamic=False, or with example sizes of at least 2")

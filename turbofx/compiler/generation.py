@@ -13,7 +13,6 @@ import inspect
 import logging
 import math
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -215,11 +214,23 @@ class _Engine:
         return self.programs[key]
 
 
-_engines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {options key: _Engine}
+class _Engines(dict):
+    """{options key: _Engine}, kept on the model itself (``model._turbofx_engines``) so compiled
+    programs live exactly as long as the model: a global map keyed by the model would be held
+    alive by the engines' own references to it. Copies and pickles of the model start empty."""
+
+    def __deepcopy__(self, memo):
+        return _Engines()
+
+    def __reduce__(self):
+        return (_Engines, ())
 
 
 def _engine(model: torch.nn.Module, options: dict) -> _Engine:
-    per_model = _engines.setdefault(model, {})
+    per_model = model.__dict__.get("_turbofx_engines")
+    if not isinstance(per_model, _Engines):
+        per_model = _Engines()
+        object.__setattr__(model, "_turbofx_engines", per_model)
     key = repr(sorted(options.items()))
     if key not in per_model:
         per_model[key] = _Engine(model, options)
