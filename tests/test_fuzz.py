@@ -10,7 +10,6 @@ import os
 import random
 import warnings
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -110,8 +110,6 @@ def test_batch_bucket_pads_rows_and_reuses_programs():
 
 
 def _programs(model):
-    from turbofx.compiler import generation
-
     return [k for engine in model._turbofx_engines.values() for k in engine.programs]
 
 

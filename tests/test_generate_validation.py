@@ -20,8 +20,6 @@ def _hf(model, ids, n):
 
 
 def _programs(model):
-    from turbofx.compiler import generation
-
     return [k for engine in model._turbofx_engines.values() for k in engine.programs]
 
 
@@ -140,8 +138,6 @@ def test_weights_changed_between_calls_are_used():
     model.to(torch.float64)  # fp32 programs must not run on fp64 weights (fp64: tokens comparable exactly)
     out = turbofx.generate(model, ids, 3)
     assert torch.equal(out.sequences, turbofx.generate(model, ids, 3, compile=False).sequences)
-    from turbofx.compiler import generation
-
     decoders = [d for e in model._turbofx_engines.values() for d in e.decoders.values()]
     assert decoders and all(d.key_cache_0.dtype == torch.float64 for d in decoders)  # old caches dropped
 

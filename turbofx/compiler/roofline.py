@@ -19,8 +19,7 @@ per-launch cost, for a GPU of ``GPUS``. ``measure_steps`` times each step with C
 from __future__ import annotations
 
 import math
-import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.utils._pytree as pytree
