@@ -17,6 +17,8 @@ from tests.fuzzgen import Case, Input, gen_case, run_case
 
 import torch
 
+import turbofx
+
 EXAMPLES = int(os.environ.get("TURBOFX_FUZZ_EXAMPLES", "25"))
 
 
@@ -65,3 +67,21 @@ def test_tanh_keeps_the_sign_of_zero():
     o = run_case(_case((3,), "contiguous", [("unary", "tanh", -1), ("unary", "reciprocal", -1)],
                        specials=[(0, -0.0), (1, 1e-3)]))
     assert o.status == "ok", o.detail
+
+
+def test_empty_input_with_odd_strides_compiles_dynamic():
+    """Fuzz-found: a tensor with no elements counts as contiguous whatever its strides, so capture
+    kept a sliced (7, 0, 2) input's strides, export traced them as a new symbol no input binds,
+    and lowering refused the graph. Capture now gives such inputs standard strides."""
+    class M(torch.nn.Module):
+        def forward(self, x):
+            d = x / x
+            return d, d.sin()
+
+    x = torch.randn(7, 4, 4)[:, :0, ::2]
+    assert x.shape == (7, 0, 2) and x.stride() != (2, 2, 1)
+    cm = turbofx.compile(M(), (x,), dynamic=True)
+    for got, want in zip(cm(x), M()(x)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+    y = torch.randn(5, 0, 3)
+    assert cm(y)[1].shape == (5, 0, 3)

@@ -95,13 +95,31 @@ def _dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict):
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
+def _standard_layout(t):
+    """A user tensor as the program sees it: contiguous strides. A tensor with no elements counts as
+    contiguous whatever its strides, and export would then trace those strides as new symbols that
+    no input size binds: give it standard strides too."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t.numel() == 0:
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device) if t.stride() != _contiguous_strides(t.shape) else t
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(strides))
+
+
 def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = False) -> CapturedGraph:
     """torch.export (non-strict) -> run_decompositions -> CapturedGraph.
 
     User tensors are captured as contiguous (kernels index them with contiguous strides);
     CompiledModule makes a non-contiguous argument contiguous before the call."""
-    args, kwargs = pytree.tree_map(
-        lambda t: t.contiguous() if isinstance(t, torch.Tensor) and not t.is_contiguous() else t, (args, kwargs))
+    args, kwargs = pytree.tree_map(_standard_layout, (args, kwargs))
     dyn = _dynamic_shapes(module, args, kwargs) if dynamic else None
     try:
         with warnings.catch_warnings():
