@@ -88,3 +88,17 @@ def test_cat_of_the_same_tensor_twice():
     cm = turbofx.compile(M(), (f,))
     torch.testing.assert_close(cm(f), M()(f))
     assert not turbofx.explain(cm).fallbacks
+
+
+def test_row_value_broadcast_along_columns_is_not_merged_into_its_reduction():
+    """Fuzz-found silent wrong result: amax(s, -1) has shape [R]; where(m > s, m, s) broadcasts it
+    along the *columns* of s [R, C]. With R == C the shapes coincide, and merging the where's region
+    into the reduction's made the kernel read the row maximum per row."""
+    class M(torch.nn.Module):
+        def forward(self, x):
+            s = x.sin()
+            m = s.amax(-1)
+            return torch.where(m > s, m, s).sqrt()
+
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(turbofx.compile(M(), (x,))(x), M()(x), equal_nan=True)

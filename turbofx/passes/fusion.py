@@ -98,6 +98,17 @@ class _Partition:
         if self.reaches(q, outside_r) or self.reaches(r, outside_q):
             rec.refused.append((q.nodes[-1].name, f"region {q.id} not merged into {r.id}: would create a cycle"))
             return
+        # Every edge between the two must be one the merged kernel can compute: e.g. a row value
+        # [R] read by a full node [R, C] broadcasts along C, not along the rows, when R == C (the
+        # shapes coincide, the semantics do not), so it must stay a loaded input.
+        merged = Region(r.id, "reduction" if "reduction" in (r.kind, q.kind) else r.kind, r.full, members=both)
+        for m in r.nodes + q.nodes:
+            own = r.members if m in r.members else q.members
+            if any(a in both and a not in own for a in m.all_input_nodes):
+                why = _fits(merged, m, _role(m)[0])
+                if why is not None:
+                    rec.refused.append((q.nodes[-1].name, f"region {q.id} not merged into {r.id}: at {m.name}: {why}"))
+                    return
         if q.kind == "reduction":
             r.kind = "reduction"
         for m in q.nodes:
