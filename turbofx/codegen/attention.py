@@ -10,7 +10,14 @@ cache before the key loop reads it (``tfx_kv_write`` does that write on its own 
 """
 from __future__ import annotations
 
+import torch
+import torch.fx as fx
+
+from turbofx.codegen import family
+from turbofx.codegen import indexing as ix
 from turbofx.codegen.target import Target
+from turbofx.runtime import ops as _ops  # noqa: F401  (registers torch.ops.turbofx.*)
+from turbofx.runtime.exprs import _compile_expr, _eval, pow2 as _pow2
 
 NAME = "tfx_attention_fwd"
 
@@ -336,3 +343,307 @@ def blocks(target: Target, head_dim: int, elem_size: int = 2) -> dict:
     # sm8x has fewer registers to spare than sm90+: 128x64 tiles at head dim 128 spill (ptxas), 128x32 do not
     block_n = 32 if 80 <= cc < 90 and d >= 128 else 64
     return {**common, "BLOCK_M": 128 if big else 64, "BLOCK_N": block_n, "num_warps": 8 if big else 4, "UPCAST": False}
+
+
+# ---------------------------------------------------------------- the family: lowering, launchers, cost
+# turbofx::attention / cached_attention (steps of type "attention") and varlen_attention.
+
+ATTENTION_OP = torch.ops.turbofx.attention.default
+CACHED_OP = torch.ops.turbofx.cached_attention.default
+VARLEN_OP = torch.ops.turbofx.varlen_attention.default
+
+
+def _val_int(s) -> int:
+    return s if isinstance(s, int) else s.node.hint
+
+
+def attention_args(n: fx.Node) -> tuple:
+    """(q, k, v, mask, scale, causal, window, softcap) of an attention node; for a cached one, k
+    and v are the caches (updated by the step before its attention reads them)."""
+    if n.target is CACHED_OP:
+        q, _, _, k_cache, v_cache, _, _, _, *rest = n.args
+        return (q, k_cache, v_cache, *rest[:5])
+    return tuple(n.args)
+
+
+class AttentionFamily(family.Family):
+    """Streaming attention, optionally with its decoder-step prologue (RoPE, KV-cache write)."""
+
+    step_types = ("attention",)
+
+    def claims(self, unit) -> bool:
+        return isinstance(unit, fx.Node) and unit.target in (ATTENTION_OP, CACHED_OP)
+
+    def lower(self, n: fx.Node, lc: family.LowerContext) -> dict:
+        slot = lc.slot
+        q, k, v, mask, scale, causal, window, softcap = attention_args(n)
+        for name in (NAME, COMBINE):
+            lc.add_source(name, SOURCE)
+        ov = n.meta["val"][0] if n.target is CACHED_OP else n.meta["val"]
+        step = {
+            "type": "attention", "kernel": NAME, "combine": COMBINE,
+            "q": slot[q], "k": slot[k], "v": slot[v],
+            "mask": slot[mask] if mask is not None else None, "out": slot[n],
+            "shape": [ix.pyexpr(ix.to_expr(e)) for e in ov.shape],
+            "stride": [ix.pyexpr(ix.to_expr(e)) for e in ov.stride()],
+            "scale": scale, "causal": causal, "window": window, "softcap": softcap,
+            "blocks": blocks(lc.target, int(_val_int(ov.shape[-1])), ov.element_size()),
+            "node": n.name}
+        reads = [q, k, v, mask]
+        inplace = n in lc.inplace
+        if n.target is CACHED_OP:
+            _, k_new, v_new, k_cache, v_cache, pos, cos, sin, *_, rope_q, rope_k = n.args
+            lc.add_source(KV_WRITE, SOURCE)
+            step["cache"] = {
+                "k_new": slot[k_new], "v_new": slot[v_new], "positions": slot[pos],
+                "cos": slot[cos] if cos is not None else None, "sin": slot[sin] if sin is not None else None,
+                "rope_q": rope_q, "rope_k": rope_k, "inplace": inplace, "kv_write": KV_WRITE}
+            reads += [k_new, v_new, pos, cos, sin]
+        lc.define(n, reads)
+        if n.target is CACHED_OP and inplace:  # the step's value holds the caches themselves
+            lc.share_storage(slot[n], {lc.storage_root[slot[k_cache]], lc.storage_root[slot[v_cache]]})
+        if n.target is ATTENTION_OP:
+            lc.records.append(family.KernelRecord(NAME, "attention", "attention", [n.name]))
+        else:
+            rope = "+rope" if n.args[-2] or n.args[-1] else ""
+            where = "in place" if inplace else "into copies (the graph reads the old caches too)"
+            lc.records.append(family.KernelRecord(NAME, "attention", f"attention{rope}+cache write", [n.name],
+                                           f"new K/V rows written into the caches {where}"))
+        return step
+
+    def runner(self, s: dict, kernels: dict):
+        run = _attention_launcher(s, kernels[s["kernel"]], kernels[s["combine"]],
+                                  kernels.get(s.get("cache", {}).get("kv_write")))
+        return family.bind(run, s, self)
+
+    def reads(self, s: dict) -> list[int]:
+        slots = [s["q"], s["k"], s["v"], s["mask"]]
+        if s.get("cache"):
+            c = s["cache"]
+            slots += [c["k_new"], c["v_new"], c["positions"], c["cos"], c["sin"]]
+        return [i for i in slots if i is not None]
+
+    def writes(self, s: dict) -> list[int]:
+        return [s["out"]]
+
+    def cost(self, s: dict, values: list, env: dict, ledger):
+        from turbofx.compiler.roofline import META, StepCost, _footprint
+
+        q, k, v = values[s["q"]], values[s["k"]], values[s["v"]]
+        out = torch.empty_strided([_eval(_compile_expr(e), env) for e in s["shape"]],
+                                  [_eval(_compile_expr(e), env) for e in s["stride"]], dtype=q.dtype, device=META)
+        reads = [q, k, v] + ([values[s["mask"]]] if s.get("mask") is not None else [])
+        written = _footprint(out)
+        launches = 1
+        b, h, sq, d = q.shape
+        flops = 4 * b * h * sq * k.shape[2] * d  # QK^T and PV over every key (the mask is not a shape)
+        cache = s.get("cache")
+        if cache is not None:
+            new = [values[cache[n]] for n in ("k_new", "v_new", "positions", "cos", "sin") if cache[n] is not None]
+            reads += new
+            written += _footprint(new[0]) + _footprint(new[1])  # the new rows stored into the caches
+            launches += sq > 16  # more than a few rows: a separate cache-write kernel first
+            if not cache["inplace"]:
+                k, v = k.clone(), v.clone()
+                written += _footprint(k) + _footprint(v)
+            values[s["out"]] = (out, k, v)
+        else:
+            values[s["out"]] = out
+        return StepCost("attention" + ("+cache write" if cache is not None else ""), "attention",
+                        ledger.reads(reads), written, flops, launches)
+
+
+class VarlenFamily(family.Family):
+    """Attention over a packed variable-length batch (cu_seqlens)."""
+
+    step_types = ("varlen_attention",)
+
+    def claims(self, unit) -> bool:
+        return isinstance(unit, fx.Node) and unit.target is VARLEN_OP
+
+    def lower(self, n: fx.Node, lc: family.LowerContext) -> dict:
+        q, k, v, cu, scale, causal = n.args
+        lc.add_source(VARLEN, SOURCE)
+        ov = n.meta["val"]
+        slot = lc.slot
+        step = {
+            "type": "varlen_attention", "kernel": VARLEN, "q": slot[q], "k": slot[k],
+            "v": slot[v], "cu_seqlens": slot[cu], "out": slot[n], "scale": scale, "causal": causal,
+            "shape": [ix.pyexpr(e) for e in ix.shape_of(n)], "stride": [ix.pyexpr(e) for e in ix.strides_of(n)],
+            "blocks": blocks(lc.target, int(_val_int(ov.shape[-1])), ov.element_size()),
+            "node": n.name}
+        lc.define(n, [q, k, v, cu])
+        lc.records.append(family.KernelRecord(VARLEN, "attention", "varlen_attention", [n.name]))
+        return step
+
+    def runner(self, s: dict, kernels: dict):
+        return family.bind(_varlen_launcher(s, kernels[s["kernel"]]), s, self)
+
+    def reads(self, s: dict) -> list[int]:
+        return [s["q"], s["k"], s["v"], s["cu_seqlens"]]
+
+    def writes(self, s: dict) -> list[int]:
+        return [s["out"]]
+
+    def cost(self, s: dict, values: list, env: dict, ledger):
+        from turbofx.compiler.roofline import META, StepCost, _footprint
+
+        q, k, v = values[s["q"]], values[s["k"]], values[s["v"]]
+        out = torch.empty_strided([_eval(_compile_expr(e), env) for e in s["shape"]],
+                                  [_eval(_compile_expr(e), env) for e in s["stride"]], dtype=q.dtype, device=META)
+        t, h, d = q.shape
+        values[s["out"]] = out  # packed rows: the key ranges are data; the full square as a bound
+        return StepCost(s["kernel"], "attention", ledger.reads([q, k, v, values[s["cu_seqlens"]]]), _footprint(out),
+                        4 * h * t * t * d, 1)
+
+
+def _attention_launcher(s: dict, fn, combine, kv_write=None):
+    """Streaming attention: grid (query tiles, batch × heads, key splits); strides read at run
+    time. Few query tiles on a large cache split the keys (flash-decoding) and a second kernel
+    combines the chunks by their log-sum-exp. With a fused cache write (``s["cache"]``) the new
+    rows are rotated and stored by the attention kernel's prologue when there is one query
+    tile (decode), by one write kernel before it otherwise (prefill); the step's value is then
+    (out, k cache, v cache), updated in place when the graph writes the caches back."""
+    shape = [_compile_expr(e) for e in s["shape"]]
+    stride = [_compile_expr(e) for e in s["stride"]]
+    blocks = dict(s["blocks"])
+    num_warps = blocks.pop("num_warps")
+    sm_count = blocks.pop("sm_count")
+    interpret = blocks.pop("interpret")
+    flags = dict(CAUSAL=bool(s["causal"]), WINDOW=s["window"] > 0, SOFTCAP=s["softcap"] > 0)
+    qi, ki, vi, mi, oi = s["q"], s["k"], s["v"], s["mask"], s["out"]
+    cache = s.get("cache")
+
+    def run(values: list, env: dict) -> None:
+        q, k, v = values[qi], values[ki], values[vi]
+        out = torch.empty_strided([_eval(c, env) for c in shape], [_eval(c, env) for c in stride],
+                                  dtype=q.dtype, device=q.device)
+        b, h, sq, d = q.shape
+        sk = k.shape[2]
+        mask = values[mi] if mi is not None else None
+        m = mask.expand(b, h, sq, sk) if mask is not None else q
+        m_strides = m.stride() if mask is not None else (0, 0, 0, 0)
+        groups = h // k.shape[1]
+        # few queries per KV head (decode): one program takes the whole group of query heads,
+        # so each K/V tile is read once per KV head
+        g = groups if groups > 1 and sq * groups <= blocks["BLOCK_M"] else 1
+        block_m = min(blocks["BLOCK_M"], max(16, _pow2(g * sq)))
+        q_tiles = -(-(g * sq) // block_m)
+        if cache is not None:
+            if not cache["inplace"]:  # the graph still reads the old caches: update copies
+                k, v = k.clone(), v.clone()
+            new = _new_rows(values, cache, b, sq, d)
+            # decode: the attention kernel's prologue writes the few new rows (each program of
+            # a KV head repeats that small write); more rows: one write kernel first
+            prologue = q_tiles == 1 and sq <= 16
+            if not prologue:
+                kn, vn, pos, c, sn = new["tensors"]
+                kv_write[(-(-sq // blocks["BLOCK_N"]), b * k.shape[1])](
+                    k, v, kn, vn, pos, c, sn, *k.stride(), *v.stride(), *kn.stride(), *vn.stride(),
+                    *new["cos_strides"], k.shape[1], sq, sk, d, new["rope_dims"], ROPE_K=cache["rope_k"],
+                    BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"], num_warps=num_warps)
+            values[oi] = (out, k, v)
+            extra = new["tensors"] + new["strides"]
+            rope_dims = new["rope_dims"]
+            cache_flags = dict(ROPE_Q=cache["rope_q"], ROPE_K=cache["rope_k"], WRITE_KV=prologue)
+        else:
+            values[oi] = out
+            extra = (q,) * 5 + (0,) * 11
+            rope_dims = 0
+            cache_flags = dict(ROPE_Q=False, ROPE_K=False, WRITE_KV=False)
+        splits = attention_splits(sm_count, b * (h // g) * q_tiles, sk, blocks["BLOCK_N"], interpret=interpret)
+        if splits > 1:
+            po = torch.empty(b * h * splits * sq, blocks["BLOCK_D"], dtype=torch.float32, device=q.device)
+            pl = torch.empty(b * h * splits * sq, dtype=torch.float32, device=q.device)
+        else:
+            po = pl = q
+        kw = dict(blocks, BLOCK_M=block_m)
+        fn[(q_tiles, b * (h // g), splits)](
+            q, k, v, m, out, po, pl, *extra[:5], *q.stride(), *k.stride(), *v.stride(), *m_strides,
+            *out.stride(), *extra[5:], h, groups, g, sq, sk, d, sq, rope_dims, float(s["scale"]),
+            float(s["softcap"]), int(s["window"]), splits, HAS_MASK=mask is not None,
+            MASK_BOOL=mask is not None and mask.dtype == torch.bool, SPLIT=splits > 1,
+            num_warps=num_warps, **flags, **cache_flags, **kw)
+        if splits > 1:
+            combine_m = min(blocks["BLOCK_M"], max(16, _pow2(sq)))
+            combine[(-(-sq // combine_m), b * h)](po, pl, out, *out.stride(), h, sq, d, splits, BLOCK_M=combine_m,
+                                      BLOCK_D=blocks["BLOCK_D"], BLOCK_S=_pow2(splits), num_warps=num_warps)
+
+    return run
+
+
+
+def _varlen_launcher(s: dict, fn):
+    """Packed variable-length attention: per-row key ranges from cu_seqlens, tiles of
+    consecutive rows scheduled longest-work-first."""
+    shape = [_compile_expr(e) for e in s["shape"]]
+    stride = [_compile_expr(e) for e in s["stride"]]
+    blocks = {k: v for k, v in s["blocks"].items() if k not in ("num_warps", "sm_count", "interpret")}
+    num_warps = s["blocks"]["num_warps"]
+    qi, ki, vi, ci, oi = s["q"], s["k"], s["v"], s["cu_seqlens"], s["out"]
+    causal = bool(s["causal"])
+
+    def run(values: list, env: dict) -> None:
+        q, k, v, cu = values[qi], values[ki], values[vi], values[ci]
+        out = torch.empty_strided([_eval(c, env) for c in shape], [_eval(c, env) for c in stride],
+                                  dtype=q.dtype, device=q.device)
+        values[oi] = out
+        t, h, d = q.shape
+        if t == 0:
+            return
+        cu = cu.to(device=q.device, dtype=torch.int64)
+        lengths = cu[1:] - cu[:-1]
+        seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
+        rows = torch.arange(t, device=q.device)
+        row_lo = cu[:-1][seq].to(torch.int32)
+        row_hi = (rows + 1 if causal else cu[1:][seq]).to(torch.int32)
+        bm = blocks["BLOCK_M"]
+        n_tiles = -(-t // bm)
+        pad = n_tiles * bm - t
+        lo_t = torch.nn.functional.pad(row_lo, (0, pad), value=t).view(n_tiles, bm).amin(1)
+        hi_t = torch.nn.functional.pad(row_hi, (0, pad), value=0).view(n_tiles, bm).amax(1)
+        tiles = torch.argsort(hi_t - lo_t, descending=True).to(torch.int32)  # longest work first
+        fn[(n_tiles, h)](q, k, v, out, row_lo, row_hi, tiles, *q.stride(), *k.stride(), *v.stride(),
+                         *out.stride(), h, h // k.shape[1], t, d, float(s["scale"]), num_warps=num_warps,
+                         **blocks)
+
+    return run
+
+
+
+def _new_rows(values: list, cache: dict, b: int, s_new: int, d: int) -> dict:
+    """A fused cache write's new K/V rows, positions and RoPE tables as kernel arguments: cos and
+    sin viewed as [B, S_new, rotary dims] with one set of strides (copied when theirs differ)."""
+    kn, vn = values[cache["k_new"]], values[cache["v_new"]]
+    pos = values[cache["positions"]]
+    pos = pos if pos.stride(0) == 1 else pos.contiguous()
+    if cache["cos"] is None:
+        c = sn = kn
+        cos_strides, rope_dims = (0, 0, 0), 0
+    else:
+        c = values[cache["cos"]].expand(b, 1, s_new, -1)[:, 0]
+        sn = values[cache["sin"]].expand(b, 1, s_new, -1)[:, 0]
+        if c.stride() != sn.stride():
+            c, sn = c.contiguous(), sn.contiguous()
+        cos_strides, rope_dims = c.stride(), c.shape[-1]
+    return {"tensors": (kn, vn, pos, c, sn), "cos_strides": cos_strides, "rope_dims": rope_dims,
+            "strides": (*kn.stride(), *vn.stride(), *cos_strides)}
+
+
+def attention_splits(sm_count: int, programs: int, sk: int, block_n: int, interpret: bool = False) -> int:
+    """How many key chunks: enough for ~2 programs per SM when (batch × heads × query tiles)
+    programs cannot fill the GPU, each chunk at least 4 key tiles. ``TURBOFX_ATTENTION_SPLITS``
+    forces a number (tests use it to check that results do not depend on it)."""
+    import os
+
+    forced = os.environ.get("TURBOFX_ATTENTION_SPLITS")
+    if forced:
+        return max(1, min(int(forced), -(-sk // block_n)))
+    if interpret or programs >= sm_count or sk < 8 * block_n:
+        return 1
+    return max(1, min(-(-2 * sm_count // programs), sk // (4 * block_n), 128))
+
+
+
+family.register(AttentionFamily())
+family.register(VarlenFamily())

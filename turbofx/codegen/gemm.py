@@ -29,11 +29,15 @@ from dataclasses import dataclass, replace
 from typing import Union
 
 import torch
+import torch.fx as fx
 
+from turbofx.codegen import family
 from turbofx.codegen.ops import TL_DTYPE, _gelu, _sigmoid
 from turbofx.codegen.target import Target, detect
 from turbofx.errors import TurbofxError
+from turbofx.runtime import ops as _ops  # noqa: F401  (registers torch.ops.turbofx.*)
 
+GEMM_OP = torch.ops.turbofx.gemm.default
 GEMM = "tfx_gemm"
 GEMV = "tfx_gemv"
 REDUCE = "tfx_gemm_reduce"
@@ -67,6 +71,8 @@ class GemmSpec:
     row_scale: bool = False  # accumulator row i times row_scale[i] (RMSNorm's 1/rms)
     batched: bool = False  # A [Bt, M, K], B [Bt, ...], out [Bt, M, N]
     allow_tf32: bool = False  # fp32 on a GPU: IEEE products unless allowed (torch's default)
+    norm: object = None  # TEMPORARY until the RMSNorm prologue lands
+    eager_rounding: bool = False  # TEMPORARY
 
     def __post_init__(self) -> None:
         for name in ("dtype", "a_dtype", "b_dtype", "out_dtype"):
@@ -92,6 +98,14 @@ class GemmSpec:
     @property
     def out_type(self) -> torch.dtype:
         return self.out_dtype or self.dtype
+
+
+@dataclass(frozen=True)
+class RmsNorm:  # TEMPORARY until the RMSNorm prologue lands
+    eps: float
+    mid_dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None
+    weight_offset: float = 0.0
 
 
 # Prologue / epilogue ops: what is done, not how Triton spells it (``_emit_*`` does that).
@@ -573,11 +587,43 @@ def _pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def kernel_sources(spec: GemmSpec) -> tuple[list[str], str]:
+    """The names a program calls this spec's three kernels by (unique per spec: a program may hold
+    many specs) and the one source that defines them all."""
+    import hashlib
+
+    source = render(spec)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    names = [f"{base}_{digest}" for base in (GEMM, GEMV, REDUCE)]
+    aliases = "".join(f"\n{name} = {base}" for name, base in zip(names, (GEMM, GEMV, REDUCE)))
+    return names, source + aliases + "\n"
+
+
+# A representative M per bucket of ``m_bucket`` (programs choose a config by M at run time).
+M_BUCKETS = {"decode": 1, "few": GEMV_MAX_M, "mid": 128, "large": 1024}
+
+
+def label(spec: GemmSpec) -> str:
+    """What one GEMM computes, for reports: matmul and its fused work."""
+    parts = ["matmul"]
+    if spec.norm is not None:
+        parts.insert(0, "rmsnorm")
+    if spec.has_bias:
+        parts.append("bias")
+    if spec.swiglu:
+        parts.append(f"{spec.activation}-glu")
+    elif spec.activation:
+        parts.append(spec.activation)
+    if spec.residual:
+        parts.append("residual")
+    return "+".join(parts)
+
+
 def _kernels(spec: GemmSpec, target: Target):
     from turbofx.codegen import cache
 
-    source = render(spec)
-    return tuple(cache.load(name, source, target) for name in (GEMM, GEMV, REDUCE))
+    names, source = kernel_sources(spec)
+    return tuple(cache.load(name, source, target) for name in names)
 
 
 def _check_tensor(name: str, t, dims: int, dtype: torch.dtype | None, device: torch.device) -> None:
@@ -596,7 +642,8 @@ def _check_tensor(name: str, t, dims: int, dtype: torch.dtype | None, device: to
 
 def gemm(a: torch.Tensor, b: torch.Tensor, spec: GemmSpec, bias: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, row_scale: torch.Tensor | None = None, out: torch.Tensor | None = None,
-         target: Target | None = None, config: GemmConfig | None = None) -> torch.Tensor:
+         target: Target | None = None, config: GemmConfig | None = None, kernels: tuple | None = None,
+         norm_weight: torch.Tensor | None = None) -> torch.Tensor:
     """out = epilogue(prologue(A) @ prologue(B)) as ``spec`` says.
 
     A: [M, K] ([Bt, M, K] batched). B: [N, K] (``b_layout="nk"``) or [K, N] ("kn"), batched with a
@@ -655,7 +702,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, spec: GemmSpec, bias: torch.Tensor | 
     cfg = config or config_for(target, spec, m, n_out, k)
     if cfg.regime == "gemv" and m > cfg.BLOCK_M:
         raise GemmInputError(f"gemm: a GEMV config covers at most BLOCK_M={cfg.BLOCK_M} rows; M={m}")
-    _launch(a, b, spec, bias, residual, row_scale, out, target, cfg, batch, m, n_out, k)
+    _launch(a, b, spec, bias, residual, row_scale, out, target, cfg, batch, m, n_out, k, kernels)
     return out
 
 
@@ -682,8 +729,8 @@ def _strides3(t: torch.Tensor | None, batched: bool) -> tuple[int, int, int]:
 
 
 def _launch(a, b, spec: GemmSpec, bias, residual, row_scale, out, target: Target, cfg: GemmConfig, batch: int,
-            m: int, n_out: int, k: int) -> None:
-    gemm_fn, gemv_fn, reduce_fn = _kernels(spec, target)
+            m: int, n_out: int, k: int, kernels: tuple | None = None) -> None:
+    gemm_fn, gemv_fn, reduce_fn = kernels or _kernels(spec, target)
     bt = spec.batched
     sab, sam, sak = _strides3(a, bt)
     sbb, sr, sc = _strides3(b, bt)
@@ -724,3 +771,138 @@ def _launch(a, b, spec: GemmSpec, bias, residual, row_scale, out, target: Target
     if splits > 1:
         reduce_fn[(n_tiles, batch)](part, out, bias_t, res_t, rs_t, m, n_out, splits, sob, som, son, srb, srm, srn,
                                     srsb, BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N, **common)
+
+
+def gemm_reference(a, b, spec: GemmSpec, bias=None, residual=None, row_scale=None, norm_weight=None):
+    """TEMPORARY (replaced by the full reference): the spec in torch, fp32 between the matmul and the store."""
+    a = a.to(spec.dtype)
+    b = b.to(spec.dtype)
+    bt = b.transpose(-1, -2) if spec.b_layout == "nk" else b
+    acc = torch.matmul(a, bt).float()
+    if row_scale is not None:
+        acc = acc * row_scale.float()[..., None]
+    if bias is not None:
+        acc = acc + bias.float()
+    act = {"silu": torch.nn.functional.silu, "relu": torch.relu,
+           "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"), None: lambda x: x}[spec.activation]
+    if spec.swiglu:
+        half = acc.shape[-1] // 2
+        acc = act(acc[..., :half]) * acc[..., half:]
+    else:
+        acc = act(acc)
+    if residual is not None:
+        acc = acc + residual.float()
+    return acc.to(spec.out_type)
+
+
+# ---------------------------------------------------------------- the family: lowering, launcher, cost
+# turbofx::gemm nodes (the matmul pass makes them), steps of type "gemm".
+
+class GemmFamily(family.Family):
+    step_types = ("gemm",)
+
+    def claims(self, unit) -> bool:
+        return isinstance(unit, fx.Node) and unit.target is GEMM_OP
+
+    def lower(self, n: fx.Node, lc: family.LowerContext) -> dict:
+        """The spec, operand slots, the output's layout and the target's config per M bucket (M
+        may be symbolic: the config is chosen at run time)."""
+        from dataclasses import asdict
+
+        from turbofx.codegen import indexing as ix
+        from turbofx.codegen.lower import val_int
+        from turbofx.runtime.ops import gemm_spec_of
+
+        a, b, bias, residual, norm_weight, text = n.args
+        spec = gemm_spec_of(text)
+        names, source = kernel_sources(spec)
+        for name in names:
+            lc.add_source(name, source)
+        ov, bv = n.meta["val"], b.meta["val"]
+        k = val_int(bv.shape[-1] if spec.b_layout == "nk" else bv.shape[-2])
+        n_out = val_int(ov.shape[-1])
+        target = lc.target
+        slot = lc.slot
+        step = {
+            "type": "gemm", "kernels": names, "spec": text,
+            "a": slot[a], "b": slot[b], "bias": slot[bias] if bias is not None else None,
+            "residual": slot[residual] if residual is not None else None,
+            "norm_weight": slot[norm_weight] if norm_weight is not None else None, "out": slot[n],
+            "shape": [ix.pyexpr(e) for e in ix.shape_of(n)], "stride": [ix.pyexpr(e) for e in ix.strides_of(n)],
+            "configs": {bucket: asdict(config_for(target, spec, m, n_out, k)) for bucket, m in M_BUCKETS.items()},
+            "target": {"backend": target.backend, "arch": target.arch, "warp_size": target.warp_size,
+                       "sm_count": target.sm_count, "shared_mem": target.shared_mem},
+            "node": n.name}
+        lc.define(n, [x for x in n.args[:5] if isinstance(x, fx.Node)])
+        lc.records.append(family.KernelRecord(names[0], "gemm", label(spec), [n.name] + n.meta.get("turbofx_fused", [])))
+        return step
+
+    def runner(self, s: dict, kernels: dict):
+        """The config for this call's M (decode rows: GEMV / split-K; more: tiled), the fused
+        prologue and epilogue as the spec says."""
+        from turbofx.runtime.exprs import _compile_expr, _eval
+        from turbofx.runtime.ops import gemm_spec_of
+
+        spec = gemm_spec_of(s["spec"])
+        target = Target(device=None, **s["target"])
+        configs = {k: GemmConfig(**c) for k, c in s["configs"].items()}
+        fns = tuple(kernels[k] for k in s["kernels"])
+        shape = [_compile_expr(e) for e in s["shape"]]
+        stride = [_compile_expr(e) for e in s["stride"]]
+        ai, bi, oi = s["a"], s["b"], s["out"]
+        extra = {k: s[k] for k in ("bias", "residual", "norm_weight") if s[k] is not None}
+        dtype = spec.out_type
+
+        def run(values: list, env: dict) -> None:
+            a = values[ai]
+            out = torch.empty_strided([_eval(c, env) for c in shape], [_eval(c, env) for c in stride],
+                                      dtype=dtype, device=a.device)
+            values[oi] = out
+            if out.numel() == 0:
+                return
+            operands = {k: values[i] for k, i in extra.items()}
+            if not spec.batched:  # leading dims are rows: [*, K] -> [M, K] (a view when strides allow)
+                a = a.reshape(-1, a.shape[-1])
+                out = out.view(-1, out.shape[-1])
+                if "residual" in operands:
+                    operands["residual"] = operands["residual"].reshape(-1, out.shape[-1])
+            gemm(a, values[bi], spec, out=out, target=target, config=configs[m_bucket(a.shape[-2])], kernels=fns,
+                 **operands)
+
+        return family.bind(run, s, self)
+
+    def reads(self, s: dict) -> list[int]:
+        return [s[k] for k in ("a", "b", "bias", "residual", "norm_weight") if s[k] is not None]
+
+    def writes(self, s: dict) -> list[int]:
+        return [s["out"]]
+
+    def checkable(self, s: dict) -> bool:
+        return True
+
+    def cost(self, s: dict, values: list, env: dict, ledger):
+        """Operands read once each (tiles re-read from cache are not traffic), the output written,
+        2·M·N·K FLOPs (SwiGLU: both halves), a second launch when the GEMV splits K."""
+        from turbofx.compiler.roofline import META, StepCost, _footprint
+        from turbofx.runtime.exprs import _compile_expr, _eval
+        from turbofx.runtime.ops import gemm_spec_of
+
+        spec = gemm_spec_of(s["spec"])
+        a, b = values[s["a"]], values[s["b"]]
+        out = torch.empty_strided([_eval(_compile_expr(e), env) for e in s["shape"]],
+                                  [_eval(_compile_expr(e), env) for e in s["stride"]], dtype=spec.out_type,
+                                  device=META)
+        values[s["out"]] = out
+        batch = a.shape[0] if spec.batched else 1
+        m, k = (a.shape[-2] if spec.batched else a.numel() // max(a.shape[-1], 1)), a.shape[-1]
+        n = b.shape[-2] if spec.b_layout == "nk" else b.shape[-1]
+        cfg = GemmConfig(**s["configs"][m_bucket(m)])
+        launches = 1 if out.numel() else 0
+        if cfg.regime == "gemv" and out.numel():
+            n_tiles = -(-out.shape[-1] // cfg.BLOCK_N)
+            launches += split_k_for(cfg, Target(device=None, **s["target"]), n_tiles * batch, k) > 1
+        return StepCost(s["kernels"][0], "gemm", ledger.reads([values[i] for i in self.reads(s)]), _footprint(out),
+                        2 * batch * m * n * k, launches)
+
+
+family.register(GemmFamily())

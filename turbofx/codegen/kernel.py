@@ -11,15 +11,17 @@ contiguously are coalesced, and symbolic sizes become integer kernel arguments.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 import torch
 import torch.fx as fx
 
+from turbofx.codegen import family
 from turbofx.codegen import indexing as ix
 from turbofx.codegen.ops import POINTWISE, REDUCTIONS, TL_DTYPE, compute_dtype, literal, round_to_dtype
 from turbofx.codegen.region import Region
+from turbofx.runtime.exprs import _DTYPES, _compile_expr, _eval, pow2 as _pow2
 
 
 @dataclass
@@ -409,3 +411,141 @@ def _needs_int64(region: Region) -> bool:
         if isinstance(v, torch.Tensor):
             total = total + ix.product(ix.shape_of(n))
     return not total.is_Integer or int(total) >= 2**31
+
+
+# ---------------------------------------------------------------- the family: lowering, launcher, cost
+# Generated pointwise and row-reduction kernels (fusion regions), steps of type "kernel".
+
+@dataclass
+class Alloc:
+    """A kernel output: allocate with these sizes/strides, or reuse value ``reuse``'s tensor."""
+
+    value: int
+    shape: list[str]
+    stride: list[str]
+    dtype: str
+    device: str
+    reuse: int | None = None
+
+
+@dataclass
+class KernelStep:
+    kernel: str
+    args: list[int]  # value slots: inputs then outputs
+    allocs: list[Alloc]
+    size_args: list[str]
+    xnumel: str
+    rnumel: str | None
+    xblock_max: int
+    rblock_budget: int
+    num_warps: int
+    rblock_max: int | None = None  # looped reductions: the tile length (None: the whole row)
+    kind: str = "pointwise"
+    nodes: list[str] = field(default_factory=list)
+
+
+def kernel_launcher(ks: KernelStep, fn):
+    allocs = [(a.value, [_compile_expr(e) for e in a.shape], [_compile_expr(e) for e in a.stride],
+               _DTYPES[a.dtype], torch.device(a.device), a.reuse) for a in ks.allocs]
+    xnumel = _compile_expr(ks.xnumel)
+    rnumel = _compile_expr(ks.rnumel) if ks.rnumel is not None else None
+    size_args = [_compile_expr(s) for s in ks.size_args]
+    args_idx = ks.args
+
+    def run(values: list, env: dict) -> None:
+        for v, shape, stride, dtype, device, reuse in allocs:
+            if reuse is not None:  # planned reuse: the dead buffer's tensor moves over
+                values[v], values[reuse] = values[reuse], None
+            else:
+                values[v] = torch.empty_strided([_eval(c, env) for c in shape], [_eval(c, env) for c in stride],
+                                                dtype=dtype, device=device)
+        xn = _eval(xnumel, env)
+        if xn == 0:
+            return
+        args = [values[i] for i in args_idx] + [_eval(c, env) for c in size_args]
+        if rnumel is None:
+            xblock = min(ks.xblock_max, _pow2(xn))
+            fn[(-(-xn // xblock),)](*args, xn, XBLOCK=xblock, num_warps=ks.num_warps)
+        else:
+            rn = _eval(rnumel, env)
+            rblock = _pow2(rn) if ks.rblock_max is None else min(_pow2(rn), ks.rblock_max)
+            xblock = max(1, min(_pow2(xn), ks.rblock_budget // rblock))
+            fn[(-(-xn // xblock),)](*args, xn, rn, XBLOCK=xblock, RBLOCK=rblock, num_warps=ks.num_warps)
+
+    return run
+
+
+
+class PointwiseFamily(family.Family):
+    """A fusion region as one generated kernel (pointwise, or persistent/looped row reduction)."""
+
+    step_types = ("kernel",)
+
+    def claims(self, unit) -> bool:
+        return isinstance(unit, Region)
+
+    def lower(self, u: Region, lc: family.LowerContext) -> dict:
+        spec: KernelSpec = lc.specs[id(u)]
+        lc.add_source(spec.name, spec.source)
+        ins = [lc.slot[a] for a in spec.inputs]
+        outs = [lc.slot[o] for o in spec.outputs]
+        allocs = []
+        for o in spec.outputs:
+            v = o.meta["val"]
+            allocs.append({
+                "value": lc.slot[o], "shape": [ix.pyexpr(e) for e in ix.shape_of(o)],
+                "stride": [ix.pyexpr(e) for e in ix.strides_of(o)],
+                "dtype": str(v.dtype).removeprefix("torch."), "device": str(v.device), "reuse": None})
+            lc.storage_root[lc.slot[o]] = lc.slot[o]
+            lc.kernel_outputs.add(lc.slot[o])
+            lc.defined_at[lc.slot[o]] = lc.index
+        target = lc.target
+        lc.read(ins)
+        lc.records.append(family.KernelRecord(spec.name, spec.kind, spec.label, [m.name for m in u.nodes]))
+        return {
+            "type": "kernel", "kernel": spec.name, "args": ins + outs, "allocs": allocs,
+            "size_args": spec.size_args, "xnumel": ix.pyexpr(spec.xnumel),
+            "rnumel": ix.pyexpr(spec.rnumel) if spec.rnumel is not None else None,
+            "xblock_max": target.xblock_max, "rblock_budget": target.rblock_budget,
+            "rblock_max": target.loop_rblock if spec.looped else None,
+            "num_warps": target.num_warps(spec.kind == "reduction"), "kind": spec.kind,
+            "nodes": [m.name for m in u.nodes],
+        }
+
+    @staticmethod
+    def step_of(s: dict) -> KernelStep:
+        ks = KernelStep(**{k: v for k, v in s.items() if k != "type"})
+        ks.allocs = [Alloc(**a) for a in s["allocs"]]
+        return ks
+
+    def runner(self, s: dict, kernels: dict):
+        ks = self.step_of(s)
+        return family.bind(kernel_launcher(ks, kernels[ks.kernel]), ks, self)
+
+    def reads(self, ks: KernelStep) -> list[int]:
+        return ks.args[: len(ks.args) - len(ks.allocs)]
+
+    def writes(self, ks: KernelStep) -> list[int]:
+        return [a.value for a in ks.allocs]
+
+    def checkable(self, ks: KernelStep) -> bool:
+        return True
+
+    def cost(self, ks: KernelStep, values: list, env: dict, ledger):
+        from turbofx.compiler.roofline import META, StepCost, _footprint
+
+        for a in ks.allocs:
+            if a.reuse is not None:
+                values[a.value], values[a.reuse] = values[a.reuse], None
+            else:
+                values[a.value] = torch.empty_strided([_eval(_compile_expr(e), env) for e in a.shape],
+                                                      [_eval(_compile_expr(e), env) for e in a.stride],
+                                                      dtype=getattr(torch, a.dtype), device=META)
+        ins = [values[i] for i in self.reads(ks)]
+        outs = [values[a.value] for a in ks.allocs]
+        xn = _eval(_compile_expr(ks.xnumel), env)
+        rn = _eval(_compile_expr(ks.rnumel), env) if ks.rnumel is not None else 1
+        return StepCost(ks.kernel, ks.kind, ledger.reads(ins), sum(map(_footprint, outs)), xn * rn, 1 if xn > 0 else 0)
+
+
+family.register(PointwiseFamily())

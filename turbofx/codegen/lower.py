@@ -1,9 +1,10 @@
 """Lowering: FX graph + fusion regions -> Program data + kernel sources.
 
-Regions become kernel launches; every other op becomes an extern ATen call (views are free
-aliases; anything without a template is recorded with its reason). Units are scheduled in a
-topological order of the region-contracted graph; buffer lifetimes are planned so a kernel
-output reuses a dead buffer of the same shape, strides and dtype.
+Units (fusion regions and the nodes outside them) are scheduled in a topological order of the
+region-contracted graph; each unit is lowered to one step by the kernel family that claims it
+(``turbofx.codegen.family``: generated pointwise/reduction kernels, attention, GEMM, and extern
+ATen calls for the rest, each with its reason). Buffer lifetimes are planned so a kernel output
+reuses a dead buffer of the same shape, strides and dtype.
 """
 from __future__ import annotations
 
@@ -15,19 +16,18 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from turbofx.codegen import attention as attention_template
+from turbofx.codegen import family
 from turbofx.codegen import indexing as ix
-from turbofx.codegen.kernel import KernelSpec, generate
+from turbofx.codegen.attention import CACHED_OP as CACHED
+from turbofx.codegen.extern import INPLACE as _INPLACE
+from turbofx.codegen.family import KernelRecord, LowerContext
+from turbofx.codegen.kernel import generate
 from turbofx.codegen.region import Region
 from turbofx.codegen.target import Target
 from turbofx.errors import CodegenError
-from turbofx.runtime import ops as _ops  # noqa: F401  (torch.ops.turbofx.*)
 
 aten = torch.ops.aten
-ATTENTION = torch.ops.turbofx.attention.default
-VARLEN = torch.ops.turbofx.varlen_attention.default
-CACHED = torch.ops.turbofx.cached_attention.default
-_INPLACE = {aten.index_put.default: aten.index_put_.default, aten.index_copy.default: aten.index_copy_.default}
+__all__ = ["KernelRecord", "Lowered", "lower", "val_int"]
 
 
 def val_int(s) -> int:
@@ -36,40 +36,11 @@ def val_int(s) -> int:
 
 
 @dataclass
-class KernelRecord:
-    name: str
-    kind: str  # pointwise | reduction | extern
-    label: str = ""
-    nodes: list[str] = field(default_factory=list)
-    reason: str = ""
-
-
-@dataclass
 class Lowered:
     program: dict
     sources: dict[str, str]
     kernels: list[KernelRecord]
     slots: dict[int, str] = field(default_factory=dict)  # value slot -> FX node name (verify="kernels")
-
-
-def op_name(target) -> str:
-    if target is operator.getitem:
-        return "getitem"
-    if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}::{target._schema.name.split('::')[1]}.{target._overloadname}"
-    raise CodegenError(f"cannot call {target!r} from a Program")
-
-
-def _extern_reason(n: fx.Node, refusals: dict[str, str]) -> str:
-    if ix.is_view(n):
-        return "view (alias, no copy)"
-    if n.target in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default):
-        return "matmul: vendor BLAS through ATen"
-    if n.target is aten.embedding.default:
-        return "embedding gather through ATen"
-    if n.target is operator.getitem:
-        return "tuple element"
-    return refusals.get(n.name, "no kernel template")
 
 
 def _writes_arg0(n: fx.Node) -> bool:
@@ -126,25 +97,6 @@ def _reinplaceable(g: fx.Graph, write_backs: dict[fx.Node, fx.Node], region_of: 
     return out
 
 
-def _share_storage(storage_root: dict[int, int], value: int, bases: set[int]) -> None:
-    """``value`` aliases the storage of ``bases`` (roots of input slots): conservatively keep every
-    possible base alive together."""
-    top = min(bases)
-    if len(bases) > 1:
-        for r in bases:
-            storage_root[r] = top
-    storage_root[value] = top
-
-
-def _attention_args(n: fx.Node) -> tuple:
-    """(q, k, v, mask, scale, causal, window, softcap) of an attention node; for a cached one, k
-    and v are the caches (updated by the step before its attention reads them)."""
-    if n.target is CACHED:
-        q, _, _, k_cache, v_cache, _, _, _, *rest = n.args
-        return (q, k_cache, v_cache, *rest[:5])
-    return tuple(n.args)
-
-
 def _write_backs(g: fx.Graph, output: fx.Node, mutated_outputs: dict[int, fx.Node]) -> dict[fx.Node, fx.Node]:
     """value -> the input it is written back into (export: mutation outputs; AOT: copy_ nodes)."""
     outs = _flat_outputs(output)
@@ -156,8 +108,10 @@ def _write_backs(g: fx.Graph, output: fx.Node, mutated_outputs: dict[int, fx.Nod
 
 
 def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: dict[str, str],
-          mutated_outputs: dict[int, fx.Node] | None = None) -> Lowered:
-    """``mutated_outputs``: graph output position -> the placeholder it is written back into."""
+          mutated_outputs: dict[int, fx.Node] | None = None, as_aten: frozenset[str] = frozenset()) -> Lowered:
+    """``mutated_outputs``: graph output position -> the placeholder it is written back into.
+    ``as_aten``: nodes to run as ATen calls (their op's reference) whatever family would take them
+    (``verify="kernels"`` replaces kernels that disagree with eager)."""
     g = gm.graph
     order = {n: i for i, n in enumerate(g.nodes)}
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
@@ -237,117 +191,15 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
             return a
         raise CodegenError(f"cannot serialise argument {a!r} ({type(a).__name__})")
 
-    steps, records, sources = [], [], {}
-    storage_root: dict[int, int] = {slot[p]: slot[p] for p in placeholders}
-    kernel_outputs: set[int] = set()
-    uses: dict[int, list[int]] = {}
-    defined_at: dict[int, int] = {}
-
-    def define(i: int, n: fx.Node, reads) -> None:
-        """Step ``i`` defines ``n``'s value and reads ``reads`` (None and scalars skipped)."""
-        defined_at[slot[n]] = i
-        for a in reads:
-            if a is not None and a in slot:
-                uses.setdefault(slot[a], []).append(i)
+    lc = LowerContext(target=target, slot=slot, template=template, inplace=inplace, refusals=refusals, specs=specs,
+                      storage_root={slot[p]: slot[p] for p in placeholders})
+    steps = []
     for i, u in enumerate(schedule):
-        if isinstance(u, Region):
-            spec: KernelSpec = specs[id(u)]
-            sources[spec.name] = spec.source
-            ins = [slot[a] for a in spec.inputs]
-            outs = [slot[o] for o in spec.outputs]
-            allocs = []
-            for o in spec.outputs:
-                v = o.meta["val"]
-                allocs.append({
-                    "value": slot[o], "shape": [ix.pyexpr(e) for e in ix.shape_of(o)],
-                    "stride": [ix.pyexpr(e) for e in ix.strides_of(o)],
-                    "dtype": str(v.dtype).removeprefix("torch."), "device": str(v.device), "reuse": None})
-                storage_root[slot[o]] = slot[o]
-                kernel_outputs.add(slot[o])
-                defined_at[slot[o]] = i
-            steps.append({
-                "type": "kernel", "kernel": spec.name, "args": ins + outs, "allocs": allocs,
-                "size_args": spec.size_args, "xnumel": ix.pyexpr(spec.xnumel),
-                "rnumel": ix.pyexpr(spec.rnumel) if spec.rnumel is not None else None,
-                "xblock_max": target.xblock_max, "rblock_budget": target.rblock_budget,
-                "rblock_max": target.loop_rblock if spec.looped else None,
-                "num_warps": target.num_warps(spec.kind == "reduction"), "kind": spec.kind,
-                "nodes": [m.name for m in u.nodes],
-            })
-            for s_ in ins:
-                uses.setdefault(s_, []).append(i)
-            records.append(KernelRecord(spec.name, spec.kind, spec.label, [m.name for m in u.nodes]))
-        elif u.target in (ATTENTION, CACHED):
-            n = u
-            q, k, v, mask, scale, causal, window, softcap = _attention_args(n)
-            sources[attention_template.NAME] = attention_template.SOURCE
-            sources[attention_template.COMBINE] = attention_template.SOURCE
-            ov = n.meta["val"][0] if u.target is CACHED else n.meta["val"]
-            step = {
-                "type": "attention", "kernel": attention_template.NAME, "combine": attention_template.COMBINE,
-                "q": slot[q], "k": slot[k], "v": slot[v],
-                "mask": slot[mask] if mask is not None else None, "out": slot[n],
-                "shape": [ix.pyexpr(ix.to_expr(e)) for e in ov.shape],
-                "stride": [ix.pyexpr(ix.to_expr(e)) for e in ov.stride()],
-                "scale": scale, "causal": causal, "window": window, "softcap": softcap,
-                "blocks": attention_template.blocks(target, int(val_int(ov.shape[-1])), ov.element_size()),
-                "node": n.name}
-            reads = [q, k, v, mask]
-            storage_root[slot[n]] = slot[n]
-            if u.target is CACHED:
-                _, k_new, v_new, k_cache, v_cache, pos, cos, sin, *_, rope_q, rope_k = n.args
-                sources[attention_template.KV_WRITE] = attention_template.SOURCE
-                step["cache"] = {
-                    "k_new": slot[k_new], "v_new": slot[v_new], "positions": slot[pos],
-                    "cos": slot[cos] if cos is not None else None, "sin": slot[sin] if sin is not None else None,
-                    "rope_q": rope_q, "rope_k": rope_k, "inplace": n in inplace,
-                    "kv_write": attention_template.KV_WRITE}
-                reads += [k_new, v_new, pos, cos, sin]
-                if n in inplace:  # the step's value holds the caches themselves
-                    _share_storage(storage_root, slot[n], {storage_root[slot[k_cache]], storage_root[slot[v_cache]]})
-            steps.append(step)
-            define(i, n, reads)
-            if u.target is ATTENTION:
-                records.append(KernelRecord(attention_template.NAME, "attention", "attention", [n.name]))
-            else:
-                rope = "+rope" if rope_q or rope_k else ""
-                where = "in place" if n in inplace else "into copies (the graph reads the old caches too)"
-                records.append(KernelRecord(attention_template.NAME, "attention", f"attention{rope}+cache write",
-                                            [n.name], f"new K/V rows written into the caches {where}"))
-        elif u.target is VARLEN:
-            n = u
-            q, k, v, cu, scale, causal = n.args
-            sources[attention_template.VARLEN] = attention_template.SOURCE
-            ov = n.meta["val"]
-            steps.append({
-                "type": "varlen_attention", "kernel": attention_template.VARLEN, "q": slot[q], "k": slot[k],
-                "v": slot[v], "cu_seqlens": slot[cu], "out": slot[n], "scale": scale, "causal": causal,
-                "shape": [ix.pyexpr(e) for e in ix.shape_of(n)], "stride": [ix.pyexpr(e) for e in ix.strides_of(n)],
-                "blocks": attention_template.blocks(target, int(val_int(ov.shape[-1])), ov.element_size()),
-                "node": n.name})
-            define(i, n, [q, k, v, cu])
-            storage_root[slot[n]] = slot[n]
-            records.append(KernelRecord(attention_template.VARLEN, "attention", "varlen_attention", [n.name]))
-        else:
-            n = u
-            reason = _extern_reason(n, refusals)
-            op = op_name(_INPLACE[n.target] if n in inplace else n.target)
-            if n in inplace:
-                reason = "cache update in place (its write-back is then free)"
-            steps.append({"type": "extern", "op": op, "args": template(list(n.args)),
-                          "kwargs": template(dict(n.kwargs))["$kw"], "out": slot[n], "node": n.name,
-                          "reason": reason})
-            define(i, n, n.all_input_nodes)
-            # outputs of aliasing ops (views, getitem of tuples) share their inputs' storage
-            aliasing = n.target is operator.getitem or n in inplace or (
-                isinstance(n.target, torch._ops.OpOverload)
-                and any(r.alias_info is not None for r in n.target._schema.returns))
-            roots = {storage_root[slot[a]] for a in n.all_input_nodes if a in slot and slot[a] in storage_root}
-            if aliasing and roots:
-                _share_storage(storage_root, slot[n], roots)
-            else:
-                storage_root[slot[n]] = slot[n]
-            records.append(KernelRecord(n.name, "extern", op, [n.name], reason))
+        lc.index = i
+        fam = family.extern_family() if isinstance(u, fx.Node) and u.name in as_aten else family.for_unit(u)
+        steps.append(fam.lower(u, lc))
+    records, sources = lc.records, lc.sources
+    storage_root, kernel_outputs, uses, defined_at = lc.storage_root, lc.kernel_outputs, lc.uses, lc.defined_at
 
     out_template = [template(a) for a in _flat_outputs(output)]
     forever = len(steps)

@@ -20,6 +20,7 @@ from turbofx.passes.attention import attention
 from turbofx.passes.attention_prologue import attention_prologue
 from turbofx.passes.canonicalize import canonicalize
 from turbofx.passes.fusion import fuse
+from turbofx.passes.matmul import matmul
 from turbofx.passes.manager import Fuel, PassContext, PassManager, PassRecord, Rewrite, pass_name
 from turbofx.runtime.guards import ShapeGuards, build as build_guards
 from turbofx.runtime.module import CompiledModule
@@ -31,7 +32,7 @@ if os.environ.get("TURBOFX_LOG"):
     logging.getLogger("turbofx").setLevel(os.environ["TURBOFX_LOG"].upper())
 
 
-PASSES = [canonicalize, attention, attention_prologue, fuse]  # in order
+PASSES = [canonicalize, attention, attention_prologue, matmul, fuse]  # in order
 VERIFY_MODES = (False, True, "passes", "kernels", "all")  # True is "passes"
 
 
@@ -186,7 +187,7 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
                 refusals.update({name: f"verify=kernels: kernel {m.kernel} disagreed with ATen "
                                        f"(max abs error {m.max_abs_error:.3g})" for name in m.nodes})
             regions = [r for r in regions if not any(x.name in bad for x in r.nodes)]
-            lowered, kernels = _lower_and_load(captured, regions, target, refusals, progress)
+            lowered, kernels = _lower_and_load(captured, regions, target, refusals, progress, frozenset(bad))
     lowered.program["target"] = {"backend": target.backend, "arch": target.arch}
     program = Program(lowered.program, kernels)
     program.sources = lowered.sources
@@ -196,14 +197,16 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
     return program, report, lowered, target
 
 
-def _lower_and_load(captured: CapturedGraph, regions: list, target, refusals: dict, progress: Progress):
+def _lower_and_load(captured: CapturedGraph, regions: list, target, refusals: dict, progress: Progress,
+                    as_aten: frozenset = frozenset()):
     placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
     by_target = {spec.target: p for spec, p in zip(captured.inputs, placeholders) if spec.target is not None}
     by_name = {p.name: p for p in placeholders}
     mutated = {i: by_target.get(o.target) or by_name.get(o.target) for i, o in enumerate(captured.outputs)
                if o.kind != "user"}
     progress.stage("lowering")
-    lowered = lower(captured.gm, regions, target, refusals, {i: p for i, p in mutated.items() if p is not None})
+    lowered = lower(captured.gm, regions, target, refusals, {i: p for i, p in mutated.items() if p is not None},
+                    as_aten)
     kernels = {}
     for name, src in lowered.sources.items():
         progress.stage(f"codegen {name}")

@@ -25,11 +25,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from turbofx.errors import TurbofxError
-from turbofx.runtime.program import ExternStep, KernelStep, _compile_expr, _eval, _resolve, decode_arg, resolve_op
 
 META = torch.device("meta")
-_MATMULS = {"aten::mm.default", "aten::addmm.default", "aten::bmm.default", "aten::baddbmm.default",
-            "aten::linear.default"}
 
 
 @dataclass(frozen=True)
@@ -183,91 +180,6 @@ class _Ledger:
         return sum(min(self.size[k], self.read[k]) for k in self.size)
 
 
-def _kernel_cost(ks: KernelStep, values: list, env: dict, ledger: _Ledger) -> StepCost:
-    n_in = len(ks.args) - len(ks.allocs)
-    for a in ks.allocs:
-        if a.reuse is not None:
-            values[a.value], values[a.reuse] = values[a.reuse], None
-        else:
-            values[a.value] = torch.empty_strided([_eval(_compile_expr(e), env) for e in a.shape],
-                                                  [_eval(_compile_expr(e), env) for e in a.stride],
-                                                  dtype=getattr(torch, a.dtype), device=META)
-    ins = [values[i] for i in ks.args[:n_in]]
-    outs = [values[a.value] for a in ks.allocs]
-    xn = _eval(_compile_expr(ks.xnumel), env)
-    rn = _eval(_compile_expr(ks.rnumel), env) if ks.rnumel is not None else 1
-    launches = 1 if xn > 0 else 0
-    return StepCost(ks.kernel, ks.kind, ledger.reads(ins), sum(map(_footprint, outs)), xn * rn, launches)
-
-
-def _attention_cost(s: dict, values: list, env: dict, ledger: _Ledger) -> StepCost:
-    q, k, v = values[s["q"]], values[s["k"]], values[s["v"]]
-    out = torch.empty_strided([_eval(_compile_expr(e), env) for e in s["shape"]],
-                              [_eval(_compile_expr(e), env) for e in s["stride"]], dtype=q.dtype, device=META)
-    reads = [q, k, v] + ([values[s["mask"]]] if s.get("mask") is not None else [])
-    written = _footprint(out)
-    launches = 1
-    if s["type"] == "varlen_attention":  # packed rows: the key ranges are data; full square as a bound
-        t, h, d = q.shape
-        flops = 4 * h * t * t * d
-        values[s["out"]] = out
-        return StepCost(s["kernel"], "attention", ledger.reads(reads + [values[s["cu_seqlens"]]]), written, flops, 1)
-    b, h, sq, d = q.shape
-    flops = 4 * b * h * sq * k.shape[2] * d  # QK^T and PV over every key (the mask is not a shape)
-    cache = s.get("cache")
-    if cache is not None:
-        new = [values[cache[n]] for n in ("k_new", "v_new", "positions", "cos", "sin") if cache[n] is not None]
-        reads += new
-        written += _footprint(new[0]) + _footprint(new[1])  # the new rows stored into the caches
-        launches += sq > 16  # more than a few rows: a separate cache-write kernel first
-        if not cache["inplace"]:
-            k, v = k.clone(), v.clone()
-            written += _footprint(k) + _footprint(v)
-        values[s["out"]] = (out, k, v)
-    else:
-        values[s["out"]] = out
-    return StepCost("attention" + ("+cache write" if cache is not None else ""), "attention",
-                    ledger.reads(reads), written, flops, launches)
-
-
-def _matmul_flops(op: str, args: list) -> int:
-    if op == "aten::addmm.default" or op == "aten::baddbmm.default":
-        args = args[1:]
-    a, b = args[0], args[1]
-    if op == "aten::linear.default":  # b is [N, K]
-        return 2 * a.numel() * b.shape[0]
-    return 2 * a.numel() * b.shape[-1]  # [.., M, K] @ [.., K, N]
-
-
-def _extern_cost(es: ExternStep, values: list, env: dict, ledger: _Ledger) -> StepCost:
-    args = _resolve(decode_arg(es.args), values, env)
-    kwargs = {k: _resolve(decode_arg(v), values, env) for k, v in es.kwargs.items()}
-    try:
-        out = resolve_op(es.op)(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001  (an op without a meta kernel: say which)
-        raise TurbofxError(f"the roofline's shape-only run could not evaluate step {es.node or es.op} ({es.op}) on "
-                           f"meta tensors: {type(e).__name__}: {str(e).splitlines()[0][:200]}. This is a turbofx "
-                           "bug or an op without a meta kernel; profile a smaller program or report it") from None
-    values[es.out] = out
-    if es.op == "getitem" or es.reason.startswith(("view", "tuple")):
-        return StepCost(es.node or es.op, "alias", 0, 0, 0, 0)
-    ins = _tensors(args) + _tensors(kwargs)
-    outs = _tensors(out)
-    if es.op in _MATMULS:
-        return StepCost(es.op, "matmul", ledger.reads(ins), sum(map(_footprint, outs)), _matmul_flops(es.op, args), 1)
-    if es.op == "aten::embedding.default":  # a gather: the rows read are the rows written
-        w, idx = args[0], args[1]
-        rows = sum(map(_footprint, outs))
-        return StepCost(es.op, "extern", ledger.reads([w], rows) + ledger.reads([idx]), rows, 0, 1)
-    packet = es.op.split("::", 1)[-1].split(".", 1)[0]
-    if packet.endswith("_") and ins:  # in place into arg 0: the other arguments are what is written
-        dst, rest = ins[0], ins[1:]
-        written = min(_footprint(dst), max(map(_footprint, rest), default=_footprint(dst)))
-        return StepCost(es.op, "extern", ledger.reads(rest), written, 0, 1)
-    numel = sum(t.numel() for t in outs)
-    return StepCost(es.op, "extern", ledger.reads(ins), sum(map(_footprint, outs)), numel, 1)
-
-
 def _step_record(run):
     s = getattr(run, "step", None)
     if s is None:
@@ -287,15 +199,7 @@ def program_cost(program, graph_inputs: list, state: list[bool]) -> ProgramCost:
     steps = []
     for i, run in enumerate(program.steps):
         s = _step_record(run)
-        if isinstance(s, KernelStep):
-            steps.append(_kernel_cost(s, values, env, ledger))
-        elif isinstance(s, ExternStep):
-            steps.append(_extern_cost(s, values, env, ledger))
-        elif isinstance(s, dict) and s.get("type") in ("attention", "varlen_attention"):
-            steps.append(_attention_cost(s, values, env, ledger))
-        else:
-            raise TurbofxError(f"turbofx bug: the roofline has no cost rule for a step of type "
-                               f"{s.get('type') if isinstance(s, dict) else type(s).__name__}; please report it")
+        steps.append(run.family.cost(s, values, env, ledger))
         for v in program.frees[i]:
             values[v] = None
     totals = StepCost("total", "total", sum(s.bytes_read for s in steps), sum(s.bytes_written for s in steps),

@@ -16,7 +16,8 @@ import torch.fx as fx
 
 from turbofx.errors import VerificationError
 from turbofx.passes.manager import run_reference
-from turbofx.runtime.program import KernelStep, Program
+from turbofx.codegen.kernel import KernelStep, kernel_launcher
+from turbofx.runtime.program import Program
 
 log = logging.getLogger("turbofx.verify")
 
@@ -81,11 +82,13 @@ def check_kernels(gm: fx.GraphModule, program: Program, slots: dict[int, str], e
         sizes = program.bind(example_inputs)
         bad = []
         for run in program.steps:
-            step = getattr(run, "step", None)
+            step, fam = run.step, run.family
             if isinstance(step, KernelStep):
                 found = _check_kernel(step, kernels[step.kernel], program.n_values, slots, ref, sizes)
             elif isinstance(step, dict) and step.get("type") == "attention":
                 found = _check_attention(run, step, program.n_values, slots, ref, sizes)
+            elif fam.checkable(step):
+                found = _check_step(run, step, program.n_values, slots, ref, sizes)
             else:
                 continue
             if found is not None:
@@ -96,13 +99,25 @@ def check_kernels(gm: fx.GraphModule, program: Program, slots: dict[int, str], e
 
 def _check_kernel(ks: KernelStep, fn, n_values: int, slots, ref, sizes) -> KernelMismatch | None:
     alone = dataclasses.replace(ks, allocs=[dataclasses.replace(a, reuse=None) for a in ks.allocs])
-    runner = Program._kernel_runner(alone, fn)  # no buffer reuse: nothing else ran before it
+    runner = kernel_launcher(alone, fn)  # no buffer reuse: nothing else ran before it
     values: list = [None] * n_values
     outs = [a.value for a in ks.allocs]
     for s in ks.args[: len(ks.args) - len(outs)]:
         values[s] = _fresh(ref[slots[s]])
     runner(values, sizes)
     return _first_disagreement(ks.kernel, ks.kind, ks.nodes, [(slots[s], values[s]) for s in outs], ref)
+
+
+def _check_step(run, s, n_values: int, slots, ref, sizes) -> KernelMismatch | None:
+    """A step of any checkable family run alone on the eager values of what it reads."""
+    values: list = [None] * n_values
+    for i in run.family.reads(s):
+        values[i] = _fresh(ref[slots[i]])
+    run(values, sizes)
+    kind = s.get("type", "kernel") if isinstance(s, dict) else type(s).__name__
+    name = s.get("kernels", [s.get("kernel", kind)])[0] if isinstance(s, dict) else kind
+    return _first_disagreement(name, kind, [s.get("node", "")] if isinstance(s, dict) else [],
+                               [(slots[w], values[w]) for w in run.family.writes(s)], ref)
 
 
 def _check_attention(run, s: dict, n_values: int, slots, ref, sizes) -> KernelMismatch | None:

@@ -178,3 +178,88 @@ _register_recompute_backward(sdpa, lambda q, k, v, m, p, c, s, g: torch.nn.funct
     q, k, v, attn_mask=m, dropout_p=p, is_causal=c, scale=s, enable_gqa=g))
 _register_recompute_backward(cached_attention, cached_attention_reference)
 _register_recompute_backward(varlen_attention, varlen_reference)
+
+
+# ---------------------------------------------------------------- gemm
+# One matmul with the work the GEMM family fuses around it (casts and an RMSNorm before it; bias,
+# activation, SwiGLU, residual add and output cast after it), as one op so codegen sees intent.
+# The spec travels as canonical JSON text: the op's schema stays fixed while the spec grows.
+
+def gemm_spec_text(spec) -> str:
+    """Canonical JSON text of a ``GemmSpec`` (dtypes by name; nested records as objects)."""
+    import dataclasses
+    import json
+
+    def enc(v):
+        if isinstance(v, torch.dtype):
+            return {"$dtype": str(v).removeprefix("torch.")}
+        if dataclasses.is_dataclass(v):
+            return {"$" + type(v).__name__: {f.name: enc(getattr(v, f.name)) for f in dataclasses.fields(v)}}
+        return v
+
+    return json.dumps(enc(spec), sort_keys=True, separators=(",", ":"))
+
+
+def gemm_spec_of(text: str):
+    """The ``GemmSpec`` a ``gemm_spec_text`` describes."""
+    return _spec_of(text)
+
+
+import functools as _functools  # noqa: E402
+
+
+@_functools.lru_cache(maxsize=None)
+def _spec_of(text: str):
+    import json
+
+    from turbofx.codegen import gemm as g
+
+    def dec(v):
+        if isinstance(v, dict):
+            (k, inner), = v.items()
+            if k == "$dtype":
+                return getattr(torch, inner)
+            cls = getattr(g, k[1:], None)
+            if cls is None:
+                raise ValueError(f"turbofx::gemm spec names an unknown record {k[1:]!r}")
+            return cls(**{f: dec(x) for f, x in inner.items()})
+        return v
+
+    return dec(json.loads(text))
+
+
+def gemm_out_shape(a_shape, b_shape, spec) -> tuple:
+    n = b_shape[-2] if spec.b_layout == "nk" else b_shape[-1]
+    return (*a_shape[:-1], n // 2 if spec.swiglu else n)
+
+
+@torch.library.custom_op("turbofx::gemm", mutates_args=())
+def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+         norm_weight: torch.Tensor | None, spec: str) -> torch.Tensor:
+    """``epilogue(prologue(a) @ b)`` as the ``GemmSpec`` in ``spec`` says: a [*, K], its leading
+    dims the rows (batched: [Bt, M, K]); b [N, K] (``b_layout="nk"``, an nn.Linear weight) or [K, N]; bias [N];
+    residual like the output; norm_weight [K] (RMSNorm prologue). The reference is eager's
+    semantics, rounding included."""
+    return _gemm_reference(a, b, bias, residual, norm_weight, spec)
+
+
+@gemm.register_fake
+def _(a, b, bias, residual, norm_weight, spec):
+    s = gemm_spec_of(spec)
+    return a.new_empty(gemm_out_shape(a.shape, b.shape, s), dtype=s.out_type)
+
+
+def _gemm_reference(a, b, bias, residual, norm_weight, spec):
+    """The op's semantics: unbatched, A's leading dims are rows ([*, K] -> [*, N])."""
+    from turbofx.codegen.gemm import gemm_reference
+
+    s = gemm_spec_of(spec)
+    out_shape = gemm_out_shape(a.shape, b.shape, s)
+    if not s.batched:
+        a = a.reshape(-1, a.shape[-1])
+        residual = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
+    out = gemm_reference(a, b, s, bias=bias, residual=residual, norm_weight=norm_weight)
+    return out.reshape(out_shape)
+
+
+_register_recompute_backward(gemm, _gemm_reference)
