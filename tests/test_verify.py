@@ -108,6 +108,7 @@ def test_verify_kernels_replaces_a_wrong_kernel(wrong_sigmoid):
     assert "verify=kernels" in text and m.kernel in text and "sigmoid" in text
     sig = [k for k in rep.fallbacks if "sigmoid" in k.label]
     assert sig and "disagreed with ATen" in sig[0].reason
+    assert rep.refusal_of(sig[0].nodes[0]).code == "kernel-mismatch"
     assert len(rep.generated) == 2  # exp and tanh kept their (right) kernels
 
 

@@ -33,6 +33,7 @@ import torch
 from turbofx.codegen.ops import TL_DTYPE, _gelu, _sigmoid
 from turbofx.codegen.target import Target, detect
 from turbofx.errors import TurbofxError
+from turbofx.refusal import Refusal
 
 GEMM = "tfx_gemm"
 GEMV = "tfx_gemv"
@@ -177,12 +178,6 @@ def rmsnorm_row_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ refusals
-
-
-@dataclass(frozen=True)
-class Refusal:
-    code: str  # stable short id: "dtype", "strides", "batch-broadcast", "swiglu-odd-n"
-    detail: str
 
 
 def _unit_stride(shape, stride) -> bool:

@@ -23,6 +23,7 @@ import torch.fx as fx
 import turbofx.runtime.ops  # noqa: F401  (registers torch.ops.turbofx.*)
 from turbofx.codegen.indexing import same, to_expr, val
 from turbofx.passes.manager import PassContext, PassRecord
+from turbofx.refusal import Refusal
 
 aten = torch.ops.aten
 ATTENTION = torch.ops.turbofx.attention.default
@@ -138,10 +139,10 @@ def attention_prologue(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
             continue
         why = _refusal(n, q, k, v, kw, vw, order)
         if why:
-            rec.refused.append((n.name, f"cache write not fused: {why}"))
+            rec.refuse(n, why.within("cache write not fused"))
             continue
         if not ctx.fuel.take(f"{n.name}: cache write and rope fused -> turbofx::cached_attention"):
-            rec.refused.append((n.name, ctx.fuel.refusal))
+            rec.refuse(n, ctx.fuel.refusal)
             continue
         (k_cache, pos, k_new), (v_cache, _, v_new) = kw, vw
         rq, rk = _rope(q), _rope(k_new)
@@ -166,14 +167,14 @@ def attention_prologue(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
     return rec
 
 
-def _refusal(n: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, kw, vw, order: dict) -> str | None:
+def _refusal(n: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, kw, vw, order: dict) -> Refusal | None:
     if kw is None or vw is None:
-        return "only one of k, v is a cache update"
+        return Refusal("one-sided-cache-write", "only one of k, v is a cache update")
     if kw[1] is not vw[1]:
-        return "k and v are written at different positions"
+        return Refusal("positions-differ", "k and v are written at different positions")
     if not _eq(val(kw[2]).shape[2], val(q).shape[2]):
-        return "the new rows are not the query rows"
+        return Refusal("rows-not-queries", "the new rows are not the query rows")
     early = [u.name for x in (k, v) for u in x.users if u is not n and order[u] < order[n]]
     if early:
-        return f"the updated cache is read before the attention ({', '.join(early)})"
+        return Refusal("cache-read-early", f"the updated cache is read before the attention ({', '.join(early)})")
     return None
