@@ -24,10 +24,10 @@ import turbofx.runtime.ops  # noqa: F401  (registers torch.ops.turbofx.*)
 from turbofx.codegen.indexing import same, to_expr, val
 from turbofx.passes.manager import PassContext, PassRecord
 from turbofx.refusal import Refusal
+from turbofx.runtime.op_args import AttentionArgs, CachedAttentionArgs
 
 aten = torch.ops.aten
 ATTENTION = torch.ops.turbofx.attention.default
-CACHED = torch.ops.turbofx.cached_attention.default
 _INT_MAX = 2**63 - 1
 
 
@@ -133,7 +133,8 @@ def attention_prologue(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
     for n in list(g.nodes):
         if n.target is not ATTENTION:
             continue
-        q, k, v, mask, scale, causal, window, softcap = n.args
+        a = AttentionArgs.of(n)
+        q, k, v = a.q, a.k, a.v
         kw, vw = _cache_write(k), _cache_write(v)
         if kw is None and vw is None:
             continue
@@ -152,8 +153,10 @@ def attention_prologue(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
         q_in = rq[0] if rq else q
         k_in = rk[0] if rk else k_new
         with g.inserting_before(n):
-            fused = g.call_function(CACHED, (q_in, k_in, v_new, k_cache, v_cache, pos, cos, sin, mask, scale, causal,
-                                             window, softcap, rq is not None, rk is not None))
+            fused = CachedAttentionArgs(q=q_in, k_new=k_in, v_new=v_new, k_cache=k_cache, v_cache=v_cache,
+                                        positions=pos, cos=cos, sin=sin, mask=a.mask, scale=a.scale,
+                                        causal=a.causal, window=a.window, softcap=a.softcap,
+                                        rope_q=rq is not None, rope_k=rk is not None).call_function(g)
             fused.meta["val"] = (val(n), val(k), val(v))
             parts = [g.call_function(operator.getitem, (fused, i)) for i in range(3)]
         for part, old in zip(parts, (n, k, v)):
