@@ -34,7 +34,7 @@ def test_merge_refused_when_it_would_create_a_cycle():
     cm = turbofx.compile(m, (x,))
     torch.testing.assert_close(cm(x), m(x))
     fusion = [p for p in turbofx.explain(cm).passes if p.name == "fusion"][0]
-    assert any("would create a cycle" in why for _, why in fusion.refused)
+    assert any(r.code == "would-cycle" for r in fusion.refused), fusion.refused
     assert len(_generated(cm)) == 2
 
 

@@ -108,6 +108,7 @@ def test_verify_kernels_replaces_a_wrong_kernel(wrong_sigmoid):
     assert "verify=kernels" in text and m.kernel in text and "sigmoid" in text
     sig = [k for k in rep.fallbacks if "sigmoid" in k.label]
     assert sig and "disagreed with ATen" in sig[0].reason
+    assert rep.refusal_of(sig[0].nodes[0]).code == "kernel-mismatch"
     assert len(rep.generated) == 2  # exp and tanh kept their (right) kernels
 
 
@@ -125,6 +126,9 @@ def test_rewrite_budget_limits_and_records_rewrites():
     rep = turbofx.explain(one)
     assert len(rep.rewrites) == 1 and rep.budget_exhausted and len(rep.generated) == 1
     assert "max_rewrites=1" in str(rep)
+    fusion = next(p for p in rep.passes if p.name == "fusion")
+    assert fusion.refusal_counts().get("rewrite-budget") == 2, fusion.refused  # the two regions it did not make
+    assert sum(r.code == "rewrite-budget" for r in rep.refusals.values()) == 2
     with torch.no_grad():
         torch.testing.assert_close(one(x), model(x), rtol=1e-4, atol=1e-4)
 

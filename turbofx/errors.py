@@ -52,3 +52,8 @@ class BisectError(TurbofxError):
 
 class TargetError(TurbofxError, ValueError):
     """An unknown target name, or a target this machine cannot provide (a GPU target without a GPU)."""
+
+
+class OpArgsError(TurbofxError, TypeError):
+    """An argument view (``turbofx.runtime.op_args``) was asked of a node of another op, or of a
+    call whose arguments do not fit the op's schema (a turbofx bug: please report it)."""

@@ -35,6 +35,7 @@ from turbofx.codegen import family
 from turbofx.codegen.ops import TL_DTYPE, _gelu, _sigmoid
 from turbofx.codegen.target import Target, detect
 from turbofx.errors import TurbofxError
+from turbofx.refusal import Refusal
 from turbofx.runtime import ops as _ops  # noqa: F401  (registers torch.ops.turbofx.*)
 
 GEMM_OP = torch.ops.turbofx.gemm.default
@@ -191,12 +192,6 @@ def rmsnorm_row_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ refusals
-
-
-@dataclass(frozen=True)
-class Refusal:
-    code: str  # stable short id: "dtype", "strides", "batch-broadcast", "swiglu-odd-n"
-    detail: str
 
 
 def _unit_stride(shape, stride) -> bool:

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from turbofx.refusal import Refusal
+
 aten = torch.ops.aten
 
 TL_DTYPE = {
@@ -196,69 +198,69 @@ REDUCTIONS = {
 }
 
 
-def _cat_refusal(node: fx.Node) -> str | None:
+def _cat_refusal(node: fx.Node) -> Refusal | None:
     out = node.meta.get("val")
     pieces = node.args[0]
     if not isinstance(out, torch.Tensor) or out.dtype not in TL_DTYPE or out.dtype == torch.float64:
-        return "cat dtype"
+        return Refusal("dtype", f"cat of dtype {getattr(out, 'dtype', None)} (not generated)")
     for p in pieces:
         v = p.meta.get("val") if isinstance(p, fx.Node) else None
         if not isinstance(v, torch.Tensor) or v.dtype != out.dtype or v.dim() != out.dim():
-            return "cat of mixed dtypes or ranks"
+            return Refusal("cat-mixed", "cat of mixed dtypes or ranks")
     return None
 
 
-def pointwise_refusal(node: fx.Node) -> str | None:
+def pointwise_refusal(node: fx.Node) -> Refusal | None:
     """None if ``node`` has a pointwise template, else why not."""
     if node.target is aten.cat.default:
         return _cat_refusal(node)
     if node.target not in POINTWISE:
-        return f"no kernel template for {node.target}"
+        return Refusal("no-template", f"no kernel template for {node.target}")
     v = node.meta.get("val")
     if not isinstance(v, torch.Tensor):
-        return "result is not a tensor"
+        return Refusal("not-tensor", "result is not a tensor")
     if v.dtype not in TL_DTYPE or v.dtype == torch.float64:
-        return f"dtype {v.dtype} is not generated (runs in ATen)"
+        return Refusal("dtype", f"dtype {v.dtype} is not generated (runs in ATen)")
     if node.target is aten._to_copy.default:
         src = node.args[0].meta.get("val")
         if set(node.kwargs) - {"dtype", "layout", "device", "memory_format"}:
-            return "copy with unusual arguments"
+            return Refusal("copy-args", "copy with unusual arguments")
         if src is None or src.device != v.device:
-            return "device transfer"
+            return Refusal("device-transfer", "device transfer")
     if node.target is aten.copy.default:
         src = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
         if src is None or src.device != v.device or node.kwargs.get("non_blocking"):
-            return "copy from another device or of a non-tensor"
+            return Refusal("copy-source", "copy from another device or of a non-tensor")
     if node.target is aten.clone.default and node.kwargs.get("memory_format") not in (None, torch.contiguous_format):
-        return "clone to a non-contiguous memory format"
+        return Refusal("memory-format", "clone to a non-contiguous memory format")
     if node.target is aten.pow.Tensor_Scalar and _pow_scalar("x", node.args[1]) is None:
-        return f"pow with exponent {node.args[1]}"
+        return Refusal("pow-exponent", f"pow with exponent {node.args[1]}")
     for a in node.args:
         if isinstance(a, fx.Node) and not isinstance(a.meta.get("val"), (torch.Tensor, torch.SymInt, torch.SymFloat)):
-            return "argument is not a tensor or a number"
+            return Refusal("argument-kind", "argument is not a tensor or a number")
         if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor):
             if a.meta["val"].dtype not in TL_DTYPE or a.meta["val"].dtype == torch.float64:
-                return f"input dtype {a.meta['val'].dtype}"
+                return Refusal("dtype", f"input dtype {a.meta['val'].dtype}")
     return None
 
 
-def reduction_refusal(node: fx.Node) -> str | None:
+def reduction_refusal(node: fx.Node) -> Refusal | None:
     """None if ``node`` is a single-axis reduction over the last dim we can generate."""
     if node.target not in REDUCTIONS:
-        return f"no kernel template for {node.target}"
+        return Refusal("no-template", f"no kernel template for {node.target}")
     x = node.args[0].meta.get("val")
     out = node.meta.get("val")
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        return "reduction of a scalar"
+        return Refusal("scalar-reduction", "reduction of a scalar")
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if dims is None or len(dims) != 1 or dims[0] % x.dim() != x.dim() - 1:
-        return "reduces other than exactly the last dim"
+        return Refusal("not-last-dim", "reduces other than exactly the last dim")
     if node.kwargs.get("dtype") not in (None, out.dtype) or out.dtype not in TL_DTYPE or out.dtype == torch.float64:
-        return f"reduction dtype {out.dtype}"
+        return Refusal("dtype", f"reduction dtype {out.dtype}")
     if x.dtype not in TL_DTYPE or x.dtype == torch.float64:
-        return f"input dtype {x.dtype}"
+        return Refusal("dtype", f"input dtype {x.dtype}")
     if REDUCTIONS[node.target] in ("max", "min") and not x.dtype.is_floating_point:
-        return "integer max/min reduction"
+        return Refusal("integer-max-min", "integer max/min reduction")
     if x.shape[-1] == 1:
-        return "reduction over a size-1 dim"
+        return Refusal("size-1-dim", "reduction over a size-1 dim")
     return None

@@ -10,14 +10,14 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from turbofx.errors import CaptureError
+from turbofx.errors import CaptureError, OpArgsError
 
 log = logging.getLogger("turbofx.capture")
 aten = torch.ops.aten
@@ -195,33 +195,29 @@ def _path_name(path, params: list[str]) -> str:
     return f"{name}{rest}"
 
 
-_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-
-
 def keep_attention_whole(gm: fx.GraphModule) -> int:
     """Dynamo graph: route ``scaled_dot_product_attention`` calls through ``turbofx::sdpa`` so that
     AOTAutograd keeps them whole (it decomposes SDPA otherwise). Calls whose flags are not plain
     constants are left alone. Returns how many were rewritten."""
     import torch.nn.functional as F
 
-    import turbofx.runtime.ops  # noqa: F401  (registers torch.ops.turbofx.sdpa)
-    from turbofx.passes.attention import SDPA_ARGS
+    from turbofx.runtime.op_args import SdpaArgs
 
     targets = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
     count = 0
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target not in targets:
             continue
-        a = dict(_SDPA_DEFAULTS, **dict(zip(SDPA_ARGS, n.args)), **n.kwargs)
-        if set(a) != set(SDPA_ARGS) or not all(
-                isinstance(a[k], t) for k, t in (("dropout_p", (int, float)), ("is_causal", bool), ("enable_gqa", bool))) \
-                or not (a["scale"] is None or isinstance(a["scale"], (int, float))):
+        try:  # F.scaled_dot_product_attention takes ATen's arguments (names, keyword-only ones, defaults)
+            a = SdpaArgs.bind(torch.ops.aten.scaled_dot_product_attention.default, n.args, n.kwargs)
+        except OpArgsError:
+            continue  # a call torch itself would reject: leave it to torch
+        if not (isinstance(a.dropout_p, (int, float)) and isinstance(a.is_causal, bool)
+                and isinstance(a.enable_gqa, bool) and (a.scale is None or isinstance(a.scale, (int, float)))):
             continue
-        n.target = torch.ops.turbofx.sdpa.default
-        n.args = tuple(a[k] for k in SDPA_ARGS[:4]) + (float(a["dropout_p"]), a["is_causal"],
-                                                         None if a["scale"] is None else float(a["scale"]),
-                                                         a["enable_gqa"])
-        n.kwargs = {}
+        a = replace(a, dropout_p=float(a.dropout_p), scale=None if a.scale is None else float(a.scale))
+        n.target = SdpaArgs.op()
+        n.args, n.kwargs = a.call_args()
         count += 1
     if count:
         gm.recompile()

@@ -22,6 +22,7 @@ from turbofx.passes.canonicalize import canonicalize
 from turbofx.passes.fusion import fuse
 from turbofx.passes.matmul import matmul
 from turbofx.passes.manager import Fuel, PassContext, PassManager, PassRecord, Rewrite, pass_name
+from turbofx.refusal import Refusal
 from turbofx.runtime.guards import ShapeGuards, build as build_guards
 from turbofx.runtime.module import CompiledModule
 from turbofx.runtime.program import Program
@@ -104,7 +105,13 @@ class Report:
     rewrite_budget: int | None = None  # max_rewrites in force
     budget_exhausted: bool = False  # some rewrite was refused for want of budget
     kernel_mismatches: list[KernelMismatch] = field(default_factory=list)  # verify="kernels" replacements
+    refusals: dict[str, Refusal] = field(default_factory=dict)  # node name -> the last refusal recorded for it
     roofline: Any = None  # roofline.ProgramCost of one call, when explain() was given that call's inputs
+
+    def refusal_of(self, node: str) -> Refusal | None:
+        """Why a pass (or verify=kernels) did not take this node: the last refusal recorded for it;
+        None when nothing refused it (an extern step's reason then comes from lowering itself)."""
+        return self.refusals.get(node)
 
     @property
     def generated(self) -> list[KernelRecord]:
@@ -173,7 +180,7 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
     report.passes = pm.run(captured.gm, ctx)
     report.rewrites, report.rewrite_budget, report.budget_exhausted = ctx.fuel.taken, ctx.fuel.limit, ctx.fuel.exhausted
     t1 = time.perf_counter()
-    refusals = {name: why for rec in report.passes for name, why in rec.refused}
+    refusals: dict[str, Refusal] = {r.node: r.refusal for rec in report.passes for r in rec.refused}
     log.info("generating %d kernels for %s", len(ctx.regions), target.describe())
     regions = list(ctx.regions)
     lowered, kernels = _lower_and_load(captured, regions, target, refusals, progress)
@@ -184,10 +191,12 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
         if report.kernel_mismatches:  # dissolve: the disagreeing regions' nodes run as ATen calls
             bad = {name for m in report.kernel_mismatches for name in m.nodes}
             for m in report.kernel_mismatches:
-                refusals.update({name: f"verify=kernels: kernel {m.kernel} disagreed with ATen "
-                                       f"(max abs error {m.max_abs_error:.3g})" for name in m.nodes})
+                why = Refusal("kernel-mismatch", f"verify=kernels: kernel {m.kernel} disagreed with ATen "
+                                                 f"(max abs error {m.max_abs_error:.3g})")
+                refusals.update({name: why for name in m.nodes})
             regions = [r for r in regions if not any(x.name in bad for x in r.nodes)]
             lowered, kernels = _lower_and_load(captured, regions, target, refusals, progress, frozenset(bad))
+    report.refusals = refusals
     lowered.program["target"] = {"backend": target.backend, "arch": target.arch}
     program = Program(lowered.program, kernels)
     program.sources = lowered.sources
@@ -197,7 +206,7 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
     return program, report, lowered, target
 
 
-def _lower_and_load(captured: CapturedGraph, regions: list, target, refusals: dict, progress: Progress,
+def _lower_and_load(captured: CapturedGraph, regions: list, target, refusals: dict[str, Refusal], progress: Progress,
                     as_aten: frozenset = frozenset()):
     placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
     by_target = {spec.target: p for spec, p in zip(captured.inputs, placeholders) if spec.target is not None}
@@ -205,7 +214,8 @@ def _lower_and_load(captured: CapturedGraph, regions: list, target, refusals: di
     mutated = {i: by_target.get(o.target) or by_name.get(o.target) for i, o in enumerate(captured.outputs)
                if o.kind != "user"}
     progress.stage("lowering")
-    lowered = lower(captured.gm, regions, target, refusals, {i: p for i, p in mutated.items() if p is not None},
+    reasons = {name: str(r) for name, r in refusals.items()}  # lowering records extern reasons as text
+    lowered = lower(captured.gm, regions, target, reasons, {i: p for i, p in mutated.items() if p is not None},
                     as_aten)
     kernels = {}
     for name, src in lowered.sources.items():

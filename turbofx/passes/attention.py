@@ -16,10 +16,11 @@ import torch.fx as fx
 import turbofx.runtime.ops  # noqa: F401  (registers torch.ops.turbofx.attention)
 from turbofx.codegen.indexing import same, to_expr, val
 from turbofx.passes.manager import PassContext, PassRecord
+from turbofx.refusal import Refusal
+from turbofx.runtime.op_args import AttentionArgs, SdpaArgs
 
 aten = torch.ops.aten
 _RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")  # in order
 
 
 def _shared_kv(x: fx.Node) -> tuple[fx.Node, int]:
@@ -41,19 +42,19 @@ def _shared_kv(x: fx.Node) -> tuple[fx.Node, int]:
     return base, int(e.shape[2])
 
 
-def _refusal(q, k, v, mask, dropout) -> str | None:
+def _refusal(q, k, v, mask, dropout) -> Refusal | None:
     if dropout not in (0, 0.0):
-        return f"dropout_p={dropout} (inference attention only)"
+        return Refusal("dropout", f"dropout_p={dropout} (inference attention only)")
     if any(t is None or t.dim() != 4 for t in (q, k, v)):
-        return "q, k, v are not [B, H, S, D]"
+        return Refusal("rank", "q, k, v are not [B, H, S, D]")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype}"
+        return Refusal("dtype", f"dtypes {q.dtype}/{k.dtype}/{v.dtype}")
     if q.shape[-1] != v.shape[-1] or q.shape[-1] != k.shape[-1]:
-        return "head dims of q, k, v differ"
+        return Refusal("head-dims-differ", "head dims of q, k, v differ")
     if isinstance(q.shape[-1], int) and q.shape[-1] > 256:
-        return f"head dim {q.shape[-1]} > 256"
+        return Refusal("head-dim-too-large", f"head dim {q.shape[-1]} > 256")
     if mask is not None and (mask.dim() > 4 or mask.dtype not in (torch.bool, q.dtype, torch.float32)):
-        return f"mask of rank {mask.dim()} / dtype {mask.dtype}"
+        return Refusal("mask", f"mask of rank {mask.dim()} / dtype {mask.dtype}")
     return None
 
 
@@ -146,30 +147,29 @@ def attention(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
             q, k, v, scale, mask, softcap = found
             why = _refusal(val(q), val(k), val(v), val(mask) if mask is not None else None, 0.0)
             if why:
-                rec.refused.append((n.name, f"decomposed attention: {why}"))
+                rec.refuse(n, why.within("decomposed attention"))
                 continue
             if not ctx.fuel.take(f"{n.name} (matmul-softmax-matmul) -> turbofx::attention"):
-                rec.refused.append((n.name, ctx.fuel.refusal))
+                rec.refuse(n, ctx.fuel.refusal)
                 continue
             _replace(g, n, q, k, v, mask, scale, False, softcap, rec, "matmul-softmax-matmul")
             continue
         if n.target not in (aten.scaled_dot_product_attention.default, torch.ops.turbofx.sdpa.default):
             continue
-        a = dict(zip(SDPA_ARGS, n.args))
-        a.update(n.kwargs)
-        q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
-        why = _refusal(val(q), val(k), val(v), val(mask) if mask is not None else None, a.get("dropout_p", 0.0))
+        a = SdpaArgs.of(n)
+        q, k, v, mask = a.q, a.k, a.v, a.attn_mask
+        why = _refusal(val(q), val(k), val(v), val(mask) if mask is not None else None, a.dropout_p)
         if why:
-            rec.refused.append((n.name, why))
+            rec.refuse(n, why)
             continue
-        causal = bool(a.get("is_causal", False))
+        causal = bool(a.is_causal)
         if causal and not same(to_expr(val(q).shape[-2]), to_expr(val(k).shape[-2])):
-            rec.refused.append((n.name, "is_causal with Sq != Sk: SDPA aligns the causal mask top-left, "
-                                        "the kernel bottom-right (a KV cache's convention)"))
+            rec.refuse(n, Refusal("causal-top-left", "is_causal with Sq != Sk: SDPA aligns the causal mask "
+                                                     "top-left, the kernel bottom-right (a KV cache's convention)"))
             continue
-        scale = a.get("scale") or 1.0 / math.sqrt(val(q).shape[-1])
+        scale = a.scale or 1.0 / math.sqrt(val(q).shape[-1])
         if not ctx.fuel.take(f"{n.name} (sdpa) -> turbofx::attention"):
-            rec.refused.append((n.name, ctx.fuel.refusal))
+            rec.refuse(n, ctx.fuel.refusal)
             continue
         _replace(g, n, q, k, v, mask, scale, causal, 0.0, rec, "sdpa")
     g.eliminate_dead_code()
@@ -183,8 +183,8 @@ def _replace(g: fx.Graph, n: fx.Node, q, k, v, mask, scale: float, causal: bool,
     if gk != gv:
         k_base, v_base, gk = k, v, 1
     with g.inserting_before(n):
-        new = g.call_function(torch.ops.turbofx.attention.default,
-                              (q, k_base, v_base, mask, float(scale), causal, 0, float(softcap)))
+        new = AttentionArgs(q=q, k=k_base, v=v_base, mask=mask, scale=float(scale), causal=causal, window=0,
+                            softcap=float(softcap)).call_function(g)
     new.meta["val"] = n.meta["val"]
     n.replace_all_uses_with(new)
     g.erase_node(n)

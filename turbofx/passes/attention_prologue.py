@@ -23,10 +23,11 @@ import torch.fx as fx
 import turbofx.runtime.ops  # noqa: F401  (registers torch.ops.turbofx.*)
 from turbofx.codegen.indexing import same, to_expr, val
 from turbofx.passes.manager import PassContext, PassRecord
+from turbofx.refusal import Refusal
+from turbofx.runtime.op_args import AttentionArgs, CachedAttentionArgs
 
 aten = torch.ops.aten
 ATTENTION = torch.ops.turbofx.attention.default
-CACHED = torch.ops.turbofx.cached_attention.default
 _INT_MAX = 2**63 - 1
 
 
@@ -132,16 +133,17 @@ def attention_prologue(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
     for n in list(g.nodes):
         if n.target is not ATTENTION:
             continue
-        q, k, v, mask, scale, causal, window, softcap = n.args
+        a = AttentionArgs.of(n)
+        q, k, v = a.q, a.k, a.v
         kw, vw = _cache_write(k), _cache_write(v)
         if kw is None and vw is None:
             continue
         why = _refusal(n, q, k, v, kw, vw, order)
         if why:
-            rec.refused.append((n.name, f"cache write not fused: {why}"))
+            rec.refuse(n, why.within("cache write not fused"))
             continue
         if not ctx.fuel.take(f"{n.name}: cache write and rope fused -> turbofx::cached_attention"):
-            rec.refused.append((n.name, ctx.fuel.refusal))
+            rec.refuse(n, ctx.fuel.refusal)
             continue
         (k_cache, pos, k_new), (v_cache, _, v_new) = kw, vw
         rq, rk = _rope(q), _rope(k_new)
@@ -151,8 +153,10 @@ def attention_prologue(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
         q_in = rq[0] if rq else q
         k_in = rk[0] if rk else k_new
         with g.inserting_before(n):
-            fused = g.call_function(CACHED, (q_in, k_in, v_new, k_cache, v_cache, pos, cos, sin, mask, scale, causal,
-                                             window, softcap, rq is not None, rk is not None))
+            fused = CachedAttentionArgs(q=q_in, k_new=k_in, v_new=v_new, k_cache=k_cache, v_cache=v_cache,
+                                        positions=pos, cos=cos, sin=sin, mask=a.mask, scale=a.scale,
+                                        causal=a.causal, window=a.window, softcap=a.softcap,
+                                        rope_q=rq is not None, rope_k=rk is not None).call_function(g)
             fused.meta["val"] = (val(n), val(k), val(v))
             parts = [g.call_function(operator.getitem, (fused, i)) for i in range(3)]
         for part, old in zip(parts, (n, k, v)):
@@ -166,14 +170,14 @@ def attention_prologue(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
     return rec
 
 
-def _refusal(n: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, kw, vw, order: dict) -> str | None:
+def _refusal(n: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, kw, vw, order: dict) -> Refusal | None:
     if kw is None or vw is None:
-        return "only one of k, v is a cache update"
+        return Refusal("one-sided-cache-write", "only one of k, v is a cache update")
     if kw[1] is not vw[1]:
-        return "k and v are written at different positions"
+        return Refusal("positions-differ", "k and v are written at different positions")
     if not _eq(val(kw[2]).shape[2], val(q).shape[2]):
-        return "the new rows are not the query rows"
+        return Refusal("rows-not-queries", "the new rows are not the query rows")
     early = [u.name for x in (k, v) for u in x.users if u is not n and order[u] < order[n]]
     if early:
-        return f"the updated cache is read before the attention ({', '.join(early)})"
+        return Refusal("cache-read-early", f"the updated cache is read before the attention ({', '.join(early)})")
     return None

@@ -11,6 +11,7 @@ import torch.fx as fx
 
 from turbofx.codegen.indexing import same_shape, shape_of, val
 from turbofx.passes.manager import PassContext, PassRecord
+from turbofx.refusal import Refusal
 
 aten = torch.ops.aten
 
@@ -68,7 +69,7 @@ def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
             src = n.args[0]
             # copies/aliases feeding an output stay, so no output aliases an input
             if n in outputs and src.op == "placeholder":
-                rec.refused.append((n.name, "no-op feeds an output directly from an input"))
+                rec.refuse(n, Refusal("output-aliases-input", "no-op feeds an output directly from an input"))
                 continue
             n.replace_all_uses_with(src)
             rec.matched.append(f"no-op {n.target} {n.name}")

@@ -15,45 +15,48 @@ from turbofx.codegen.indexing import is_view, same_shape, shape_of, val
 from turbofx.codegen.ops import pointwise_refusal, reduction_refusal
 from turbofx.codegen.region import Region
 from turbofx.passes.manager import PassContext, PassRecord
+from turbofx.refusal import Refusal
 
 aten = torch.ops.aten
 _FREE = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
 
 
-def _role(n: fx.Node) -> tuple[str | None, str]:
+def _role(n: fx.Node) -> tuple[str | None, Refusal | None]:
     if is_view(n):
-        return "view", ""
+        return "view", None
     why = pointwise_refusal(n)
     if why is None:
-        return "pointwise", ""
+        return "pointwise", None
     rwhy = reduction_refusal(n)
     if rwhy is None:
-        return "reduction", ""
+        return "reduction", None
     return None, why if n.target not in (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default) else rwhy
 
 
-def _fits(region: Region, n: fx.Node, role: str) -> str | None:
+def _fits(region: Region, n: fx.Node, role: str) -> Refusal | None:
     """None if ``n`` can join ``region``, else why not."""
     ins = [a for a in n.all_input_nodes if a in region.members]
     if role == "view":
         if region.kind != "reduction" or not region.is_row(n) or not all(region.is_row(a) for a in ins):
-            return "view of a value computed in the region"
+            return Refusal("region-view", "view of a value computed in the region")
         return None
     if role == "reduction":
         x = n.args[0]
         if region.kind == "pointwise":
-            return None if same_shape(shape_of(x), region.full) else "reduction input shape differs"
-        return None if region.is_full(x) else "reduction over a different domain"
+            return None if same_shape(shape_of(x), region.full) else Refusal("shape-differs",
+                                                                             "reduction input shape differs")
+        return None if region.is_full(x) else Refusal("domain-differs", "reduction over a different domain")
     # pointwise
     if n.target is aten.cat.default and ins:
-        return "cat of a value computed in the region (pieces are loaded, not recomputed)"
+        return Refusal("cat-of-region-value",
+                       "cat of a value computed in the region (pieces are loaded, not recomputed)")
     if region.is_full(n):
         rows1 = region.rows + (1,)
         ok = all(region.is_full(a) or (region.kind == "reduction" and same_shape(shape_of(a), rows1)) for a in ins)
-        return None if ok else "broadcast of a row value without its trailing dim"
+        return None if ok else Refusal("row-broadcast", "broadcast of a row value without its trailing dim")
     if region.is_row(n):
-        return None if all(region.is_row(a) for a in ins) else "row value from a full value"
-    return "shape differs from the region's domain"
+        return None if all(region.is_row(a) for a in ins) else Refusal("row-from-full", "row value from a full value")
+    return Refusal("shape-differs", "shape differs from the region's domain")
 
 
 class _Partition:
@@ -96,7 +99,8 @@ class _Partition:
         outside_r = [a for m in r.nodes for a in m.all_input_nodes if a not in both]
         outside_q = [a for m in q.nodes for a in m.all_input_nodes if a not in both]
         if self.reaches(q, outside_r) or self.reaches(r, outside_q):
-            rec.refused.append((q.nodes[-1].name, f"region {q.id} not merged into {r.id}: would create a cycle"))
+            rec.refuse(q.nodes[-1], Refusal("would-cycle",
+                                            f"region {q.id} not merged into {r.id}: would create a cycle"))
             return
         # Every edge between the two must be one the merged kernel can compute: e.g. a row value
         # [R] read by a full node [R, C] broadcasts along C, not along the rows, when R == C (the
@@ -107,7 +111,7 @@ class _Partition:
             if any(a in both and a not in own for a in m.all_input_nodes):
                 why = _fits(merged, m, _role(m)[0])
                 if why is not None:
-                    rec.refused.append((q.nodes[-1].name, f"region {q.id} not merged into {r.id}: at {m.name}: {why}"))
+                    rec.refuse(q.nodes[-1], why.within(f"region {q.id} not merged into {r.id}: at {m.name}"))
                     return
         if q.kind == "reduction":
             r.kind = "reduction"
@@ -131,7 +135,7 @@ class _Partition:
         for r in producers:
             why = _fits(r, n, role)
             if why is None and self.creates_cycle(r, n):
-                why = "would create a cycle between kernels"
+                why = Refusal("would-cycle", "would create a cycle between kernels")
             if why is None:
                 if role == "reduction" and r.kind == "pointwise":
                     r.kind = "reduction"
@@ -141,11 +145,11 @@ class _Partition:
                     if q is not r and q.nodes and n.target is not aten.cat.default:
                         self.try_merge(r, q, rec)
                 return
-            rec.refused.append((n.name, f"not fused into region {r.id}: {why}"))
+            rec.refuse(n, why.within(f"not fused into region {r.id}"))
         if role == "view":
             return
         if self.fuel is not None and not self.fuel.take(f"new {role} region at {n.name} ({n.target})"):
-            rec.refused.append((n.name, self.fuel.refusal))
+            rec.refuse(n, self.fuel.refusal)
             return
         r = self.new_region(n, role)
         r.add(n)
@@ -160,7 +164,7 @@ def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
             continue
         role, why = _role(n)
         if role is None:
-            rec.refused.append((n.name, why))
+            rec.refuse(n, why)
             continue
         part.place(n, role, rec)
     regions = [r for r in part.regions if r.nodes]

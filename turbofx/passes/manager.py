@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from turbofx.errors import VerificationError
+from turbofx.refusal import Refusal, Refused
 
 log = logging.getLogger("turbofx.passes")
 
@@ -26,11 +27,26 @@ class PassRecord:
 
     name: str
     matched: list[str] = field(default_factory=list)
-    refused: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
+    refused: list[Refused] = field(default_factory=list)
     seconds: float = 0.0
 
+    def refuse(self, node: fx.Node | str, refusal: Refusal) -> None:
+        """Record that ``node`` was not rewritten (or not taken), and why."""
+        if not isinstance(refusal, Refusal):
+            raise TypeError(f"pass {self.name}: a refusal must be a turbofx.refusal.Refusal, got {refusal!r}")
+        self.refused.append(Refused(node.name if isinstance(node, fx.Node) else node, refusal))
+
+    def refusal_counts(self) -> dict[str, int]:
+        """How many refusals of each code, most frequent first."""
+        counts: dict[str, int] = {}
+        for r in self.refused:
+            counts[r.code] = counts.get(r.code, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
     def summary(self) -> str:
-        return f"{self.name}: {len(self.matched)} matched, {len(self.refused)} refused, {self.seconds * 1e3:.1f} ms"
+        codes = ", ".join(f"{n} {c}" for c, n in self.refusal_counts().items())
+        return (f"{self.name}: {len(self.matched)} matched, {len(self.refused)} refused"
+                f"{f' ({codes})' if codes else ''}, {self.seconds * 1e3:.1f} ms")
 
 
 @dataclass
@@ -65,8 +81,8 @@ class Fuel:
         return True
 
     @property
-    def refusal(self) -> str:
-        return f"rewrite budget spent (max_rewrites={self.limit})"
+    def refusal(self) -> Refusal:
+        return Refusal("rewrite-budget", f"rewrite budget spent (max_rewrites={self.limit})")
 
 
 @dataclass

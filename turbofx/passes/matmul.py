@@ -28,6 +28,7 @@ import torch.fx as fx
 from turbofx.codegen import gemm as gemm_family
 from turbofx.codegen.indexing import shape_of, val
 from turbofx.passes.manager import PassContext, PassRecord
+from turbofx.refusal import Refusal
 from turbofx.runtime import ops as tfx_ops
 
 aten = torch.ops.aten
@@ -286,21 +287,21 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     return [str(s) for s in val(a).shape] == [str(s) for s in val(b).shape]
 
 
-def match(mm: fx.Node, epilogue: bool = True) -> _Match | str:
+def match(mm: fx.Node, epilogue: bool = True) -> _Match | Refusal:
     """What fuses with ``mm``, or the refusal code and detail when the template does not do it."""
     ops = _operands(mm)
     if ops is None:
-        return "alpha-beta: addmm with alpha or beta other than 1"
+        return Refusal("alpha-beta", "addmm with alpha or beta other than 1")
     a, b, bias, batched = ops
     dt = val(mm).dtype
     for what, t in (("A", a), ("B", b), ("output", mm)):
         if val(t).dtype not in gemm_family.FLOATS or val(t).dtype != dt:
-            return f"dtype: {what} is {val(t).dtype} (the template does fp16, bf16 and fp32 matmuls of one dtype)"
+            return Refusal("dtype", f"{what} is {val(t).dtype} (the template does fp16, bf16 and fp32 matmuls of one dtype)")
     stored_b, layout = _weight_view(b, batched)
     m = _Match(mm=mm, a=a, b=stored_b, b_layout=layout, batched=batched, last=mm)
     if bias is not None:
         if val(bias).dim() != 1 or val(bias).dtype != dt:
-            return "bias-shape: addmm's bias is not one [N] vector of the matmul's dtype"
+            return Refusal("bias-shape", "addmm's bias is not one [N] vector of the matmul's dtype")
         m.bias = bias
     if not batched and _NORM_PROLOGUE and epilogue:
         _match_prologue(m)
@@ -424,20 +425,20 @@ def _operand_like(node: fx.Node, leading: list[str]) -> fx.Node | None:
         node = node.args[0]
 
 
-def _plan_rewrite(m: _Match) -> tuple[fx.Node, fx.Node | None] | str:
+def _plan_rewrite(m: _Match) -> tuple[fx.Node, fx.Node | None] | Refusal:
     """(A, residual) shaped like the result's leading dims, or why the rewrite cannot be made."""
     leading = _shape_key(m.last)[:-1]
     a = _operand_like(m.norm_x if m.norm is not None else m.a, leading)
     if a is None and m.norm is None and not m.batched:
         # A's own leading dims: end the chain where the value still has them
-        return "reshape: the result is reshaped to dims A does not have"
+        return Refusal("reshape", "the result is reshaped to dims A does not have")
     if a is None:
-        return "reshape: the normalised input's dims differ from the result's"
+        return Refusal("reshape", "the normalised input's dims differ from the result's")
     residual = None
     if m.residual is not None:
         residual = _operand_like(m.residual, leading)
         if residual is None:
-            return "reshape: the residual's dims differ from the result's"
+            return Refusal("reshape", "the residual's dims differ from the result's")
     return a, residual
 
 
@@ -470,23 +471,23 @@ def matmul(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
     rec = PassRecord("matmul")
     for mm in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _MATMULS]:
         found = match(mm)
-        if isinstance(found, str):
-            rec.refused.append((mm.name, found))
+        if isinstance(found, Refusal):
+            rec.refuse(mm, found)
             continue
         refusal = gemm_family.gemm_refusal(_spec(found), val(found.a), val(found.b))
         if refusal is not None:
-            rec.refused.append((mm.name, f"{refusal.code}: {refusal.detail}"))
+            rec.refuse(mm, refusal)
             continue
         plan = _plan_rewrite(found)
-        if isinstance(plan, str) and found.absorbed:  # retry with the matmul alone
+        if isinstance(plan, Refusal) and found.absorbed:  # retry with the matmul alone
             found = match(mm, epilogue=False)
             plan = _plan_rewrite(found)
-        if isinstance(plan, str):
-            rec.refused.append((mm.name, plan))
+        if isinstance(plan, Refusal):
+            rec.refuse(mm, plan)
             continue
         what = [mm.name] + [n.name for n in found.absorbed]
         if not ctx.fuel.take(f"gemm {', '.join(what)}"):
-            rec.refused.append((mm.name, ctx.fuel.refusal))
+            rec.refuse(mm, ctx.fuel.refusal)
             continue
         node = _rewrite(gm, found, *plan)
         fused = [f for f, on in (("rmsnorm", found.norm), ("bias", found.bias), ("swiglu", found.swiglu),
