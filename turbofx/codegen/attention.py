@@ -357,13 +357,12 @@ def _val_int(s) -> int:
     return s if isinstance(s, int) else s.node.hint
 
 
-def attention_args(n: fx.Node) -> tuple:
-    """(q, k, v, mask, scale, causal, window, softcap) of an attention node; for a cached one, k
-    and v are the caches (updated by the step before its attention reads them)."""
-    if n.target is CACHED_OP:
-        q, _, _, k_cache, v_cache, _, _, _, *rest = n.args
-        return (q, k_cache, v_cache, *rest[:5])
-    return tuple(n.args)
+def attention_args(n: fx.Node):
+    """The attention a node computes (``AttentionArgs``); for a cached one, k and v are the caches
+    (updated by the step before its attention reads them)."""
+    from turbofx.runtime.op_args import AttentionArgs, CachedAttentionArgs
+
+    return CachedAttentionArgs.of(n).attention() if n.target is CACHED_OP else AttentionArgs.of(n)
 
 
 class AttentionFamily(family.Family):
@@ -376,7 +375,10 @@ class AttentionFamily(family.Family):
 
     def lower(self, n: fx.Node, lc: family.LowerContext) -> dict:
         slot = lc.slot
-        q, k, v, mask, scale, causal, window, softcap = attention_args(n)
+        from turbofx.runtime.op_args import CachedAttentionArgs
+
+        att = attention_args(n)
+        q, k, v, mask = att.q, att.k, att.v, att.mask
         for name in (NAME, COMBINE):
             lc.add_source(name, SOURCE)
         ov = n.meta["val"][0] if n.target is CACHED_OP else n.meta["val"]
@@ -386,26 +388,27 @@ class AttentionFamily(family.Family):
             "mask": slot[mask] if mask is not None else None, "out": slot[n],
             "shape": [ix.pyexpr(ix.to_expr(e)) for e in ov.shape],
             "stride": [ix.pyexpr(ix.to_expr(e)) for e in ov.stride()],
-            "scale": scale, "causal": causal, "window": window, "softcap": softcap,
+            "scale": att.scale, "causal": att.causal, "window": att.window, "softcap": att.softcap,
             "blocks": blocks(lc.target, int(_val_int(ov.shape[-1])), ov.element_size()),
             "node": n.name}
         reads = [q, k, v, mask]
         inplace = n in lc.inplace
         if n.target is CACHED_OP:
-            _, k_new, v_new, k_cache, v_cache, pos, cos, sin, *_, rope_q, rope_k = n.args
+            c = CachedAttentionArgs.of(n)
             lc.add_source(KV_WRITE, SOURCE)
             step["cache"] = {
-                "k_new": slot[k_new], "v_new": slot[v_new], "positions": slot[pos],
-                "cos": slot[cos] if cos is not None else None, "sin": slot[sin] if sin is not None else None,
-                "rope_q": rope_q, "rope_k": rope_k, "inplace": inplace, "kv_write": KV_WRITE}
-            reads += [k_new, v_new, pos, cos, sin]
+                "k_new": slot[c.k_new], "v_new": slot[c.v_new], "positions": slot[c.positions],
+                "cos": slot[c.cos] if c.cos is not None else None, "sin": slot[c.sin] if c.sin is not None else None,
+                "rope_q": c.rope_q, "rope_k": c.rope_k, "inplace": inplace, "kv_write": KV_WRITE}
+            reads += [c.k_new, c.v_new, c.positions, c.cos, c.sin]
         lc.define(n, reads)
         if n.target is CACHED_OP and inplace:  # the step's value holds the caches themselves
-            lc.share_storage(slot[n], {lc.storage_root[slot[k_cache]], lc.storage_root[slot[v_cache]]})
+            lc.share_storage(slot[n], {lc.storage_root[slot[att.k]], lc.storage_root[slot[att.v]]})
         if n.target is ATTENTION_OP:
             lc.records.append(family.KernelRecord(NAME, "attention", "attention", [n.name]))
         else:
-            rope = "+rope" if n.args[-2] or n.args[-1] else ""
+            c = CachedAttentionArgs.of(n)
+            rope = "+rope" if c.rope_q or c.rope_k else ""
             where = "in place" if inplace else "into copies (the graph reads the old caches too)"
             lc.records.append(family.KernelRecord(NAME, "attention", f"attention{rope}+cache write", [n.name],
                                            f"new K/V rows written into the caches {where}"))
@@ -462,13 +465,16 @@ class VarlenFamily(family.Family):
         return isinstance(unit, fx.Node) and unit.target is VARLEN_OP
 
     def lower(self, n: fx.Node, lc: family.LowerContext) -> dict:
-        q, k, v, cu, scale, causal = n.args
+        from turbofx.runtime.op_args import VarlenAttentionArgs
+
+        va = VarlenAttentionArgs.of(n)
+        q, k, v, cu = va.q, va.k, va.v, va.cu_seqlens
         lc.add_source(VARLEN, SOURCE)
         ov = n.meta["val"]
         slot = lc.slot
         step = {
             "type": "varlen_attention", "kernel": VARLEN, "q": slot[q], "k": slot[k],
-            "v": slot[v], "cu_seqlens": slot[cu], "out": slot[n], "scale": scale, "causal": causal,
+            "v": slot[v], "cu_seqlens": slot[cu], "out": slot[n], "scale": va.scale, "causal": va.causal,
             "shape": [ix.pyexpr(e) for e in ix.shape_of(n)], "stride": [ix.pyexpr(e) for e in ix.strides_of(n)],
             "blocks": blocks(lc.target, int(_val_int(ov.shape[-1])), ov.element_size()),
             "node": n.name}

@@ -12,10 +12,10 @@ import torch.fx as fx
 from turbofx.codegen import family
 from turbofx.codegen import indexing as ix
 from turbofx.errors import CodegenError
+from turbofx.passes.reinplace import INPLACE
 from turbofx.runtime.exprs import _resolve, decode_arg, resolve_op
 
 aten = torch.ops.aten
-INPLACE = {aten.index_put.default: aten.index_put_.default, aten.index_copy.default: aten.index_copy_.default}
 _MATMULS = {"aten::mm.default", "aten::addmm.default", "aten::bmm.default", "aten::baddbmm.default",
             "aten::linear.default"}
 

@@ -808,8 +808,11 @@ class GemmFamily(family.Family):
         from turbofx.codegen.lower import val_int
         from turbofx.runtime.ops import gemm_spec_of
 
-        a, b, bias, residual, norm_weight, text = n.args
-        spec = gemm_spec_of(text)
+        from turbofx.runtime.op_args import GemmArgs
+
+        args = GemmArgs.of(n)
+        a, b, bias, residual, norm_weight = args.a, args.b, args.bias, args.residual, args.norm_weight
+        spec = gemm_spec_of(args.spec)
         names, source = kernel_sources(spec)
         for name in names:
             lc.add_source(name, source)
@@ -819,7 +822,7 @@ class GemmFamily(family.Family):
         target = lc.target
         slot = lc.slot
         step = {
-            "type": "gemm", "kernels": names, "spec": text,
+            "type": "gemm", "kernels": names, "spec": args.spec,
             "a": slot[a], "b": slot[b], "bias": slot[bias] if bias is not None else None,
             "residual": slot[residual] if residual is not None else None,
             "norm_weight": slot[norm_weight] if norm_weight is not None else None, "out": slot[n],
@@ -828,7 +831,7 @@ class GemmFamily(family.Family):
             "target": {"backend": target.backend, "arch": target.arch, "warp_size": target.warp_size,
                        "sm_count": target.sm_count, "shared_mem": target.shared_mem},
             "node": n.name}
-        lc.define(n, [x for x in n.args[:5] if isinstance(x, fx.Node)])
+        lc.define(n, [x for x in (a, b, bias, residual, norm_weight) if x is not None])
         lc.records.append(family.KernelRecord(names[0], "gemm", label(spec), [n.name] + n.meta.get("turbofx_fused", [])))
         return step
 

@@ -18,13 +18,13 @@ import torch.fx as fx
 
 from turbofx.codegen import family
 from turbofx.codegen import indexing as ix
-from turbofx.codegen.attention import CACHED_OP as CACHED
-from turbofx.codegen.extern import INPLACE as _INPLACE
 from turbofx.codegen.family import KernelRecord, LowerContext
 from turbofx.codegen.kernel import generate
 from turbofx.codegen.region import Region
 from turbofx.codegen.target import Target
 from turbofx.errors import CodegenError
+from turbofx.passes.reinplace import INPLACE_KEY, descendants as _descendants, overwritten as _overwritten, \
+    writes_arg0 as _writes_arg0
 
 aten = torch.ops.aten
 __all__ = ["KernelRecord", "Lowered", "lower", "val_int"]
@@ -43,74 +43,13 @@ class Lowered:
     slots: dict[int, str] = field(default_factory=dict)  # value slot -> FX node name (verify="kernels")
 
 
-def _writes_arg0(n: fx.Node) -> bool:
-    t = n.target
-    if not isinstance(t, torch._ops.OpOverload) or not t._schema.arguments:
-        return False
-    info = t._schema.arguments[0].alias_info
-    return info is not None and info.is_write
-
-
 def _is_scalar(n) -> bool:
     return isinstance(n, fx.Node) and isinstance(n.meta.get("val"), (torch.SymInt, int)) and not isinstance(n.meta.get("val"), bool)
 
 
-def _descendants(v: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), list(v.users)
-    while stack:
-        x = stack.pop()
-        if x not in seen:
-            seen.add(x)
-            stack.extend(x.users)
-    return seen
-
-
-def _overwritten(w: fx.Node) -> list[fx.Node]:
-    """The inputs an in-place step overwrites."""
-    return [w.args[3], w.args[4]] if w.target is CACHED else [w.args[0]]
-
-
-def _reinplaceable(g: fx.Graph, write_backs: dict[fx.Node, fx.Node], region_of: dict) -> set[fx.Node]:
-    """Functional cache updates whose results are written back into the caches anyway: run them
-    in place (no copy of the whole cache, no write-back copy). ``v = index_put(p, ...)`` written
-    back into ``p``; ``cached_attention(..., Kc, Vc, ...)`` whose updated caches (results 1 and 2)
-    are written back into ``Kc`` and ``Vc``. Safe when no other reader of an old cache depends on
-    the update (those readers are ordered before it)."""
-    updates: dict[fx.Node, list[tuple[fx.Node, fx.Node]]] = {}  # writer -> [(updated value, cache)]
-    for v, p in write_backs.items():
-        if v.target in _INPLACE and v not in region_of:
-            updates.setdefault(v, []).append((v, p))
-        elif v.target is operator.getitem and v.args[0].target is CACHED and v.args[1] in (1, 2):
-            updates.setdefault(v.args[0], []).append((v, p))
-    out = set()
-    for w, pairs in updates.items():
-        caches = _overwritten(w)
-        if sorted(id(p) for _, p in pairs) != sorted(id(c) for c in caches):
-            continue  # only part of the update is written back
-        if any(p.op != "placeholder" for p in caches) or len(set(caches)) != len(caches):
-            continue
-        if w.target is CACHED and any(p is not w.args[3 + (v.args[1] - 1)] for v, p in pairs):
-            continue
-        later = _descendants(w)
-        if not any(u in later for p in caches for u in p.users if u is not w and not _writes_arg0(u)):
-            out.add(w)
-    return out
-
-
-def _write_backs(g: fx.Graph, output: fx.Node, mutated_outputs: dict[int, fx.Node]) -> dict[fx.Node, fx.Node]:
-    """value -> the input it is written back into (export: mutation outputs; AOT: copy_ nodes)."""
-    outs = _flat_outputs(output)
-    wb = {outs[i]: p for i, p in mutated_outputs.items() if isinstance(outs[i], fx.Node)}
-    for n in g.nodes:
-        if n.target is aten.copy_.default and isinstance(n.args[1], fx.Node):
-            wb[n.args[1]] = n.args[0]
-    return wb
-
-
 def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: dict[str, str],
-          mutated_outputs: dict[int, fx.Node] | None = None, as_aten: frozenset[str] = frozenset()) -> Lowered:
-    """``mutated_outputs``: graph output position -> the placeholder it is written back into.
-    ``as_aten``: nodes to run as ATen calls (their op's reference) whatever family would take them
+          as_aten: frozenset[str] = frozenset()) -> Lowered:
+    """``as_aten``: nodes to run as ATen calls (their op's reference) whatever family would take them
     (``verify="kernels"`` replaces kernels that disagree with eager)."""
     g = gm.graph
     order = {n: i for i, n in enumerate(g.nodes)}
@@ -122,7 +61,7 @@ def lower(gm: fx.GraphModule, regions: list[Region], target: Target, refusals: d
     # which nodes need a value: graph outputs, extern args, kernel inputs (closure backwards)
     needed: set[fx.Node] = set()
     # in-place writes (AOT's copy_ of a mutated input) are effects: needed though nothing reads them
-    inplace = _reinplaceable(g, _write_backs(g, output, mutated_outputs or {}), region_of)
+    inplace = {n for n in g.nodes if n.meta.get(INPLACE_KEY)}  # chosen by the reinplace pass
     writes = [n for n in g.nodes if n.op == "call_function" and (_writes_arg0(n) or n in inplace)]
     work = [a for a in output.all_input_nodes] + writes
     while work:

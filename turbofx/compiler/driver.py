@@ -21,6 +21,7 @@ from turbofx.passes.attention_prologue import attention_prologue
 from turbofx.passes.canonicalize import canonicalize
 from turbofx.passes.fusion import fuse
 from turbofx.passes.matmul import matmul
+from turbofx.passes.reinplace import reinplace
 from turbofx.passes.manager import Fuel, PassContext, PassManager, PassRecord, Rewrite, pass_name
 from turbofx.refusal import Refusal
 from turbofx.runtime.guards import ShapeGuards, build as build_guards
@@ -33,7 +34,7 @@ if os.environ.get("TURBOFX_LOG"):
     logging.getLogger("turbofx").setLevel(os.environ["TURBOFX_LOG"].upper())
 
 
-PASSES = [canonicalize, attention, attention_prologue, matmul, fuse]  # in order
+PASSES = [canonicalize, attention, attention_prologue, matmul, fuse, reinplace]  # in order
 VERIFY_MODES = (False, True, "passes", "kernels", "all")  # True is "passes"
 
 
@@ -173,7 +174,8 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
 
         with unset_fake_temporarily():
             flat_example = _graph_example_inputs(captured)
-    ctx = PassContext(example_inputs=flat_example, fuel=Fuel(opts.max_rewrites))
+    ctx = PassContext(example_inputs=flat_example, fuel=Fuel(opts.max_rewrites),
+                      mutated_outputs=_mutated_outputs(captured))
     log.info("passes over %d graph nodes", len(captured.gm.graph.nodes))
     pm = PassManager(opts.passes(), verify=opts.verify_passes, dump_dir=opts.dump_dir,
                      progress=lambda name: progress.stage(f"pass {name}"))
@@ -208,20 +210,24 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
 
 def _lower_and_load(captured: CapturedGraph, regions: list, target, refusals: dict[str, Refusal], progress: Progress,
                     as_aten: frozenset = frozenset()):
-    placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
-    by_target = {spec.target: p for spec, p in zip(captured.inputs, placeholders) if spec.target is not None}
-    by_name = {p.name: p for p in placeholders}
-    mutated = {i: by_target.get(o.target) or by_name.get(o.target) for i, o in enumerate(captured.outputs)
-               if o.kind != "user"}
     progress.stage("lowering")
     reasons = {name: str(r) for name, r in refusals.items()}  # lowering records extern reasons as text
-    lowered = lower(captured.gm, regions, target, reasons, {i: p for i, p in mutated.items() if p is not None},
-                    as_aten)
+    lowered = lower(captured.gm, regions, target, reasons, as_aten)
     kernels = {}
     for name, src in lowered.sources.items():
         progress.stage(f"codegen {name}")
         kernels[name] = cache.load(name, src, target)
     return lowered, kernels
+
+
+def _mutated_outputs(captured: CapturedGraph) -> dict:
+    """Graph output position -> the placeholder it is written back into (buffer / input mutations)."""
+    placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
+    by_target = {spec.target: p for spec, p in zip(captured.inputs, placeholders) if spec.target is not None}
+    by_name = {p.name: p for p in placeholders}
+    found = {i: by_target.get(o.target) or by_name.get(o.target) for i, o in enumerate(captured.outputs)
+             if o.kind != "user"}
+    return {i: p for i, p in found.items() if p is not None}
 
 
 def _device_of(c: CapturedGraph) -> torch.device | None:

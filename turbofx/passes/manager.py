@@ -91,6 +91,7 @@ class PassContext:
 
     example_inputs: list[Any] | None = None
     regions: list = field(default_factory=list)
+    mutated_outputs: dict[int, fx.Node] = field(default_factory=dict)  # output position -> input it is written into
     fuel: Fuel = field(default_factory=Fuel)
 
 

@@ -215,3 +215,17 @@ class SdpaArgs(OpArgs):
     is_causal: bool  # top-left aligned when Sq != Sk
     scale: float | None
     enable_gqa: bool
+
+
+@view
+@dataclass(frozen=True)
+class GemmArgs(OpArgs):
+    """``turbofx::gemm``: epilogue(prologue(a) @ b) as the GemmSpec text in ``spec`` says."""
+
+    OPS: ClassVar[tuple[str, ...]] = ("turbofx::gemm",)
+    a: Arg  # [*, K] (batched: [Bt, M, K]); with an RMSNorm prologue, the norm's input
+    b: Arg  # [N, K] (b_layout "nk") or [K, N]
+    bias: Arg
+    residual: Arg
+    norm_weight: Arg
+    spec: str  # canonical JSON of the GemmSpec (turbofx.runtime.ops.gemm_spec_text)
