@@ -207,7 +207,7 @@ def test_split_kv_with_masked_chunks(monkeypatch):
 
 
 def test_split_choice():
-    from turbofx.runtime.program import attention_splits
+    from turbofx.codegen.attention import attention_splits
 
     assert attention_splits(132, 32, 4096, 64) > 1  # batch 1 decode on an H100: split
     assert attention_splits(132, 32 * 64, 4096, 64) == 1  # enough programs already

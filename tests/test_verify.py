@@ -16,16 +16,11 @@ aten = torch.ops.aten
 
 
 class _Chain(torch.nn.Module):
-    """exp -> matmul -> sigmoid -> matmul -> tanh: three one-op regions split by matmuls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.w1 = torch.nn.Parameter(torch.randn(8, 8, generator=g) * 0.3)
-        self.w2 = torch.nn.Parameter(torch.randn(8, 8, generator=g) * 0.3)
+    """exp -> cumsum -> sigmoid -> cumsum -> tanh: three one-op regions split by extern ops
+    (cumsum has no template)."""
 
     def forward(self, x):
-        return torch.tanh(torch.sigmoid(torch.exp(x) @ self.w1) @ self.w2)
+        return torch.tanh(torch.cumsum(torch.sigmoid(torch.cumsum(torch.exp(x), -1)), -1))
 
 
 class _TwoAttentions(torch.nn.Module):

@@ -65,6 +65,9 @@ def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
                 n.replace_all_uses_with(int(concrete))
                 rec.matched.append(f"fold {n.name} = {int(concrete)}")
                 continue
+        if n.target in (aten.split.Tensor, aten.split_with_sizes.default) and _split_to_slices(g, n):
+            rec.matched.append(f"split {n.name} into slices")
+            continue
         if _is_noop(n):
             src = n.args[0]
             # copies/aliases feeding an output stay, so no output aliases an input
@@ -92,6 +95,40 @@ def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
     if removed:
         rec.matched.append(f"dead code: {removed} nodes")
     return rec
+
+
+def _split_to_slices(g: fx.Graph, n: fx.Node) -> bool:
+    """``getitem(split(x, ...), i)`` -> ``slice(x, dim, start, end)``: a view a load (or a GEMM
+    epilogue reading a matmul's halves) can see through. Static sizes only."""
+    import operator
+
+    x = n.args[0]
+    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+    xv = val(x)
+    if xv is None or not isinstance(xv.shape[dim], int):
+        return False
+    total = xv.shape[dim]
+    if n.target is aten.split.Tensor:
+        size = n.args[1]
+        if not isinstance(size, int) or size <= 0:
+            return False
+        sizes = [min(size, total - s) for s in range(0, total, size)] or [0]
+    else:
+        sizes = list(n.args[1])
+        if not all(isinstance(k, int) for k in sizes):
+            return False
+    if not all(u.target is operator.getitem for u in n.users):
+        return False
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    for u in list(n.users):
+        i = u.args[1]
+        with g.inserting_before(u):
+            sl = g.call_function(aten.slice.Tensor, (x, dim % xv.dim(), starts[i], starts[i] + sizes[i]))
+        sl.meta = dict(u.meta)
+        u.replace_all_uses_with(sl)
+        g.erase_node(u)
+    g.erase_node(n)
+    return True
 
 
 def _hashable(x):

@@ -1,0 +1,160 @@
+"""The matmul pass: matmuls and the work around them become GEMM-family kernels (turbofx::gemm),
+matched by semantics; what the template cannot do stays extern with a refusal code. Every compiled
+module is compared with eager. Shapes are tiny: the interpreter runs every kernel."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import turbofx
+
+torch.manual_seed(0)
+
+
+def _compile(module, *args, **options):
+    module = module.eval()
+    with torch.no_grad():
+        cm = turbofx.compile(module, args, **options)
+        ref = module(*args)
+        out = cm(*args)
+    return cm, ref, out, turbofx.explain(cm)
+
+
+def _gemms(report) -> list:
+    return [k for k in report.kernels if k.kind == "gemm"]
+
+
+def _matmul_refusals(report) -> list:
+    rec = next(p for p in report.passes if p.name == "matmul")
+    return [r.refusal.code for r in rec.refused]
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self, act, bias=True, residual=True):
+        super().__init__()
+        self.up = torch.nn.Linear(24, 40, bias=bias)
+        self.down = torch.nn.Linear(40, 24, bias=False)
+        self.act, self.residual = act, residual
+
+    def forward(self, x):
+        y = self.down(self.act(self.up(x)))
+        return x + y if self.residual else y
+
+
+@pytest.mark.parametrize("act,label", [
+    (F.silu, "silu"), (F.relu, "relu"), (lambda t: F.gelu(t, approximate="tanh"), "gelu_tanh")])
+def test_linear_bias_activation_and_residual_fuse(act, label):
+    cm, ref, out, report = _compile(Mlp(act), torch.randn(2, 3, 24))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    labels = sorted(k.label for k in _gemms(report))
+    assert labels == sorted([f"matmul+bias+{label}", "matmul+residual"]), report
+    assert report.counts() == {"gemm": 2}, report.counts()  # nothing else runs
+
+
+def test_swiglu_from_one_weight_and_split_halves():
+    class GatedMlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up = torch.nn.Linear(16, 2 * 20, bias=False)
+            self.down = torch.nn.Linear(20, 16, bias=False)
+
+        def forward(self, x):
+            g, u = self.gate_up(x).chunk(2, -1)
+            return self.down(F.silu(g) * u)
+
+    cm, ref, out, report = _compile(GatedMlp(), torch.randn(1, 5, 16))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert sorted(k.label for k in _gemms(report)) == ["matmul", "matmul+silu-glu"], report
+
+
+def test_fp16_linear_with_fp32_logits_cast():
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(32, 48, bias=False)
+
+        def forward(self, x):
+            return self.lm_head(x).float()
+
+    m = Head().half()
+    x = torch.randn(2, 4, 32).half()
+    cm, ref, out, report = _compile(m, x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+    (g,) = _gemms(report)
+    assert report.counts() == {"gemm": 1}, report  # the cast is the GEMM's store
+
+
+def test_bmm_is_a_batched_gemm():
+    class Bmm(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.bmm(a, b) + 1.0
+
+    a, b = torch.randn(3, 5, 7), torch.randn(3, 7, 9)
+    cm, ref, out, report = _compile(Bmm(), a, b)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert len(_gemms(report)) == 1 and not [k for k in report.fallbacks if "bmm" in k.label], report
+
+
+def test_integer_and_strided_matmuls_stay_extern_with_codes():
+    class IntMm(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.mm(a, b)
+
+    cm, ref, out, report = _compile(IntMm(), torch.randint(-3, 3, (4, 5)), torch.randint(-3, 3, (5, 6)))
+    assert torch.equal(out, ref)
+    assert _matmul_refusals(report) == ["dtype"] and not _gemms(report)
+
+    class Strided(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.mm(a[:, ::2], b[::2, ::3])
+
+    cm, ref, out, report = _compile(Strided(), torch.randn(4, 10), torch.randn(10, 9))
+    torch.testing.assert_close(out, ref)
+    assert "strides" in _matmul_refusals(report), report
+
+
+def test_dynamic_rows():
+    m = Mlp(F.silu)
+    x = torch.randn(2, 6, 24)
+    cm, ref, out, report = _compile(m, x, dynamic=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert len(_gemms(report)) == 2
+    x2 = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x2), m(x2), rtol=1e-5, atol=1e-5)
+
+
+def test_rewrite_budget_keeps_matmuls_extern():
+    cm, ref, out, report = _compile(Mlp(F.silu), torch.randn(2, 3, 24), max_rewrites=0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not _gemms(report)
+    assert "rewrite-budget" in _matmul_refusals(report)
+
+
+def test_disable_the_pass():
+    cm, ref, out, report = _compile(Mlp(F.silu), torch.randn(2, 3, 24), disable=("matmul",))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not _gemms(report) and any("::addmm." in k.label for k in report.fallbacks)
+
+
+def test_matmul_with_a_second_reader_of_its_result_keeps_the_chain_short():
+    class TwoReaders(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return F.silu(y), y * 2  # y itself is needed: silu cannot be absorbed
+
+    cm, ref, out, report = _compile(TwoReaders(), torch.randn(3, 8))
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert [k.label for k in _gemms(report)] == ["matmul+bias"], report
+
+
+def test_verify_passes_accepts_the_rewrite():
+    cm, ref, out, report = _compile(Mlp(F.silu), torch.randn(2, 3, 24), verify=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
