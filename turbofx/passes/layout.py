@@ -231,16 +231,19 @@ def _join(ts: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
     so that memory is held once and the module keeps reading (and updating) the same values."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    # The joined tensor requires grad when a source did, so that a compiled call under grad mode still
+    # connects its outputs to the inference-only guard (CompiledModule) as it did for the parameters.
+    grad = any(t.requires_grad for t in ts)
     with torch.no_grad(), unset_fake_temporarily():
         view = _adjacent(ts)
         if view is not None:
-            return view, False
+            return view.requires_grad_(grad), False
         joined = torch.cat([t.detach() for t in ts], dim=0)
         start = 0
         for t in ts:
             t.data = joined[start:start + t.shape[0]]
             start += t.shape[0]
-        return joined, True
+        return joined.requires_grad_(grad), True
 
 
 def _same_layout(a: Any, b: Any) -> bool:
