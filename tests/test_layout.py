@@ -90,6 +90,7 @@ def test_eager_model_shares_the_joined_weights(llama_compiled):
     assert attn.k_proj.weight.untyped_storage().data_ptr() == joined.untyped_storage().data_ptr()
     assert attn.k_proj.weight.storage_offset() == attn.q_proj.weight.numel()
     assert isinstance(attn.k_proj.weight, torch.nn.Parameter) and attn.k_proj.weight.requires_grad
+    assert joined.requires_grad  # so a grad-mode call still meets the inference-only guard
     resident = sum(_storages(model.parameters(), model.buffers(), compiled._state.values()).values())
     assert resident == model_bytes
 
