@@ -167,6 +167,26 @@ def test_refusals_carry_their_code_and_results_stay_equal():
         torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
 
 
+def test_outputs_returned_directly_keep_their_layout():
+    """Siblings whose outputs the graph returns are not joined: the caller would get strided views
+    (``.view(-1)`` on them fails) where eager returns contiguous tensors."""
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    model, x = TwoHeads().eval(), torch.randn(3, 8)
+    compiled = turbofx.compile(model, (x,))
+    (why,) = [w for _, w in _layout_record(compiled).refused]
+    assert why.startswith("output-layout")
+    out = compiled(x)
+    assert all(o.is_contiguous() for o in out)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_torch_compile_door_is_refused_with_its_code():
     model = make_tiny_model("llama")
     args, kwargs = example_inputs("llama", seq=4)

@@ -52,6 +52,8 @@ REFUSALS = {
     "mixed-bias": "some siblings have a bias and others not",
     "shared-storage": "a weight shares its memory with another tensor and is not laid out next to its siblings",
     "layout-view": "a later view of an output cannot read the strided slice of the joined output",
+    "output-layout": "an output (or a view of it) is returned by the graph: the caller would get a strided "
+                     "view where eager returns a contiguous tensor",
 }
 
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
@@ -339,6 +341,10 @@ def _join_group(gm: fx.GraphModule, group: list[_Sibling], ctx: PassContext, rec
         later = _downstream_vals(gm, {s.node: v for s, v in zip(group, slice_vals)}, mode)
     except Exception as e:  # an op that cannot take the strided slice: keep the separate matmuls
         rec.refused.append((names, f"layout-view: {REFUSALS['layout-view']} ({type(e).__name__}: {str(e)[:200]})"))
+        return
+    returned = next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes
+    if any(n in later or any(n is s.node for s in group) for n in returned):
+        rec.refused.append((names, f"output-layout: {REFUSALS['output-layout']}"))
         return
     name = _joined_name(w_keys, st.keys())
     if not ctx.fuel.take(f"layout: join {names} into {name}"):
