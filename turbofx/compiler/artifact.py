@@ -28,7 +28,10 @@ import torch
 
 from turbofx.errors import ArtifactError
 
-FORMAT = 3  # 3: meta.json / generation.json carry a digest of themselves; only listed kernels are loaded
+# 3: meta.json / generation.json carry a digest of themselves; only listed kernels are loaded.
+# 4: state may hold weights the layout pass joined (e.g. q/k/v as one tensor; "layouts" in meta.json
+# and program.json): an older artifact's program reads the separate weights.
+FORMAT = 4
 MANIFESTS = ("meta.json", "generation.json")  # a forward artifact's, a generation artifact's
 
 
@@ -317,6 +320,7 @@ def save(compiled, output_dir: str | os.PathLike, extra: dict | None = None, ove
             "kernels": [dataclasses.asdict(k) for k in report.kernels] if report is not None else [],
             "shares_weights_with": shares_weights_with,
             "guards": compiled._guards.to_json(),  # shape guards: ranges and assertions on input sizes
+            "layouts": prog.d.get("layouts", []),  # weights joined at compile time (for people and tools)
         }
         (tmp / "meta.json").write_text(seal(meta))
     return Path(output_dir).resolve()
@@ -435,8 +439,11 @@ def load(path: str | os.PathLike, device: str | None = None, shared_state: dict 
     from turbofx.codegen.lower import KernelRecord
     from turbofx.compiler.driver import Report
 
+    from turbofx.passes.layout import WeightLayout
+
     report = Report(target=f"{target.get('backend')} {target.get('arch')} (loaded from {d})",
-                    kernels=[KernelRecord(**k) for k in meta.get("kernels", [])])
+                    kernels=[KernelRecord(**k) for k in meta.get("kernels", [])],
+                    layouts=[WeightLayout(**w) for w in meta.get("layouts", [])])
     from turbofx.runtime.guards import ShapeGuards
 
     cm = CompiledModule(program, state, meta["plan"], expected, meta["names"], _spec_load(meta["in_spec"]),

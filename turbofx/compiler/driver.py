@@ -20,9 +20,11 @@ from turbofx.passes.attention import attention
 from turbofx.passes.attention_prologue import attention_prologue
 from turbofx.passes.canonicalize import canonicalize
 from turbofx.passes.fusion import fuse
+from turbofx.passes.layout import layout
+from turbofx.passes.manager import Fuel, PassContext, PassManager, PassRecord, Rewrite, pass_name
 from turbofx.passes.matmul import matmul
 from turbofx.passes.reinplace import reinplace
-from turbofx.passes.manager import Fuel, PassContext, PassManager, PassRecord, Rewrite, pass_name
+from turbofx.passes.state import ModuleState
 from turbofx.refusal import Refusal
 from turbofx.runtime.guards import ShapeGuards, build as build_guards
 from turbofx.runtime.module import CompiledModule
@@ -34,7 +36,7 @@ if os.environ.get("TURBOFX_LOG"):
     logging.getLogger("turbofx").setLevel(os.environ["TURBOFX_LOG"].upper())
 
 
-PASSES = [canonicalize, attention, attention_prologue, matmul, fuse, reinplace]  # in order
+PASSES = [canonicalize, layout, attention, attention_prologue, matmul, fuse, reinplace]  # in order
 VERIFY_MODES = (False, True, "passes", "kernels", "all")  # True is "passes"
 
 
@@ -108,6 +110,7 @@ class Report:
     kernel_mismatches: list[KernelMismatch] = field(default_factory=list)  # verify="kernels" replacements
     refusals: dict[str, Refusal] = field(default_factory=dict)  # node name -> the last refusal recorded for it
     roofline: Any = None  # roofline.ProgramCost of one call, when explain() was given that call's inputs
+    layouts: list = field(default_factory=list)  # passes.layout.WeightLayout: weights joined into one
 
     def refusal_of(self, node: str) -> Refusal | None:
         """Why a pass (or verify=kernels) did not take this node: the last refusal recorded for it;
@@ -150,6 +153,10 @@ class Report:
             for (op, why), n in sorted(reasons.items(), key=lambda x: -x[1]):
                 lines.append(f"    {n:4d}× {op}: {why}")
         lines.append("  passes: " + "; ".join(p.summary() for p in self.passes))
+        for w in self.layouts[:4]:
+            lines.append(f"  {w.describe()}")
+        if len(self.layouts) > 4:
+            lines.append(f"  (+{len(self.layouts) - 4} more layouts: Report.layouts)")
         if self.rewrite_budget is not None:
             spent = ", budget spent: later rewrites skipped" if self.budget_exhausted else ""
             lines.append(f"  rewrites: {len(self.rewrites)} made of max_rewrites={self.rewrite_budget}{spent}")
@@ -175,7 +182,7 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
         with unset_fake_temporarily():
             flat_example = _graph_example_inputs(captured)
     ctx = PassContext(example_inputs=flat_example, fuel=Fuel(opts.max_rewrites),
-                      mutated_outputs=_mutated_outputs(captured))
+                      mutated_outputs=_mutated_outputs(captured), state=ModuleState(captured, flat_example))
     log.info("passes over %d graph nodes", len(captured.gm.graph.nodes))
     pm = PassManager(opts.passes(), verify=opts.verify_passes, dump_dir=opts.dump_dir,
                      progress=lambda name: progress.stage(f"pass {name}"))
@@ -200,6 +207,8 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
             lowered, kernels = _lower_and_load(captured, regions, target, refusals, progress, frozenset(bad))
     report.refusals = refusals
     lowered.program["target"] = {"backend": target.backend, "arch": target.arch}
+    lowered.program["layouts"] = [w.to_json() for w in ctx.layouts]  # weights the layout pass joined
+    report.layouts = list(ctx.layouts)
     program = Program(lowered.program, kernels)
     program.sources = lowered.sources
     report.kernels = lowered.kernels
@@ -385,6 +394,7 @@ def _report_of(compiled) -> Report:
                 merged.passes += r.passes
                 merged.rewrites += r.rewrites
                 merged.kernel_mismatches += r.kernel_mismatches
+                merged.layouts += r.layouts
                 for k, v in r.stage_seconds.items():
                     merged.stage_seconds[k] = merged.stage_seconds.get(k, 0.0) + v
             return merged

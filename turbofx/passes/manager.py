@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from turbofx.errors import VerificationError
 from turbofx.refusal import Refusal, Refused
+from turbofx.passes.state import ModuleState
 
 log = logging.getLogger("turbofx.passes")
 
@@ -87,12 +88,16 @@ class Fuel:
 
 @dataclass
 class PassContext:
-    """State passes share: fusion regions, example inputs for verify mode, the rewrite budget."""
+    """State passes share: fusion regions, example inputs for verify mode, the rewrite budget, the
+    module state the graph reads (``state``: read and replace parameters/buffers only through it)
+    and the weight layouts chosen (``layouts``: ``passes.layout.WeightLayout`` records)."""
 
     example_inputs: list[Any] | None = None
     regions: list = field(default_factory=list)
     mutated_outputs: dict[int, fx.Node] = field(default_factory=dict)  # output position -> input it is written into
     fuel: Fuel = field(default_factory=Fuel)
+    state: ModuleState = field(default_factory=ModuleState)
+    layouts: list = field(default_factory=list)
 
 
 Pass = Callable[[fx.GraphModule, PassContext], PassRecord]
