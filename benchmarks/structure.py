@@ -224,7 +224,7 @@ def phase_structure(name: str, phase: str, a) -> PhaseStructure:
         row.seconds = time.perf_counter() - t0
         return row
     if failures:
-        row.reason += "not on meta (" + failures[0] + "): built with tiny real weights on the CPU"
+        row.reason += f"not on meta ({failures[0][:160]}): built with tiny real weights on the CPU"
     row.status = "ok"
     one, two = row.samples[p], row.samples[2 * p]
     row.per_layer = Counts().combine(two.combine(one, -1), 1 / p)
@@ -272,6 +272,9 @@ def table(rows: list[PhaseStructure]) -> str:
         lines.append(f"| {r.arch} | {r.phase} | {r.device} | {r.layers} | {r.total.steps} | {_fmt(r.per_layer.steps)} "
                      f"| {_fmt(r.rest.steps)} | {r.total.extern_matmuls} | {_fmt(r.per_layer.extern_matmuls)} "
                      f"| {_kinds(r.per_layer)} | {_kinds(r.total)} | {'; '.join(note).replace('|', '/')} |")
+    lines += ["", "extern steps per decoder layer (ATen op: count):"]
+    lines += [f"  {r.arch} {r.phase}: " + (", ".join(f"{op} {_fmt(n)}" for op, n in r.per_layer.extern_ops.items())
+                                          or "none") for r in rows if r.status == "ok"]
     return "\n".join(lines)
 
 
