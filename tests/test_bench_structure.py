@@ -15,10 +15,10 @@ def _consistent(c: dict) -> None:
 
 def test_structure_counts_add_up(tmp_path):
     path = tmp_path / "structure.json"
-    rows = structure.main(["--archs", "llama", "--check-layers", "--json", str(path)])
+    # the decode step only (3 compiles on meta, a few seconds); prefill is counted the same way
+    rows = structure.main(["--archs", "llama", "--phases", "decode", "--check-layers", "--json", str(path)])
     data = json.loads(path.read_text())
-    assert [(r["arch"], r["phase"], r["status"]) for r in data["rows"]] == [("llama", "decode", "ok"),
-                                                                           ("llama", "prefill", "ok")]
+    assert [(r["arch"], r["phase"], r["status"]) for r in data["rows"]] == [("llama", "decode", "ok")]
     for r, obj in zip(data["rows"], rows):
         assert r["device"] == "meta" and r["period"] == 1 and obj.total.steps == r["total"]["steps"]
         for c in (r["total"], r["per_layer"], r["rest"], *r["samples"].values()):
