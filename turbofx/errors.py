@@ -52,3 +52,7 @@ class BisectError(TurbofxError):
 
 class TargetError(TurbofxError, ValueError):
     """An unknown target name, or a target this machine cannot provide (a GPU target without a GPU)."""
+
+
+class GemmInputError(TurbofxError, ValueError):
+    """The GEMM launcher (or its reference) was called with a spec or tensors that do not fit together."""
