@@ -2,8 +2,8 @@
 
     python tests/gemm_offline_compile.py ARCH      (80, 90, 100 for sm80/sm90/sm100; gfx942)
 
-Prints one JSON line per compiled kernel: name, case, shared bytes, spilled bytes (ptxas -v for
-CUDA, the AMDGPU metadata's spill counts for HIP) and the arch's shared-memory limit. The configs
+Prints one JSON line per compiled kernel: name, case, shared bytes, registers per thread and
+spilled bytes (ptxas -v for CUDA, the AMDGPU metadata for HIP) and the arch's shared-memory limit. The configs
 are the ones the family's table picks for that arch. Run in a process of its own: importing
 turbofx without a GPU switches Triton to the interpreter, so this script loads gemm.py alone.
 """
@@ -34,6 +34,7 @@ def _cases(g, target):
     import torch
 
     S, bf16, fp16, fp32 = g.GemmSpec, torch.bfloat16, torch.float16, torch.float32
+    llama = g.RmsNorm(1e-6, mid_dtype=bf16, out_dtype=bf16)
     return [
         ("tiled fp16 large", S(fp16), g.GEMM, 4096, 4096, 4096),
         ("tiled bf16 mid rmsnorm+bias+gelu+residual", S(bf16, row_scale=True, has_bias=True, activation="gelu_tanh",
@@ -46,7 +47,29 @@ def _cases(g, target):
         ("gemv fp32 decode cast-in", S(fp16, a_dtype=fp32, out_dtype=fp32), g.GEMV, 3, 1024, 1024),
         ("reduce bf16 swiglu+bias+residual", S(bf16, swiglu=True, activation="silu", has_bias=True, residual=True),
          g.REDUCE, 1, 14336, 4096),
+        # the RMSNorm prologue (HF Llama's roundings) with eager rounding in the epilogue
+        ("tiled bf16 norm+swiglu", S(bf16, norm=llama, swiglu=True, activation="silu", eager_rounding=True), g.GEMM,
+         4096, 14336, 4096),
+        ("tiled bf16 norm+residual", S(bf16, norm=llama, residual=True, eager_rounding=True), g.GEMM, 512, 4096, 4096),
+        ("gemv bf16 decode norm+swiglu split", S(bf16, norm=llama, swiglu=True, activation="silu", eager_rounding=True),
+         g.GEMV, 1, 14336, 4096),
+        ("gemv fp16 few norm+residual+bias", S(fp16, norm=g.RmsNorm(1e-6, out_dtype=fp16, weight_offset=1.0),
+                                               residual=True, has_bias=True, bias_in_matmul=True,
+                                               eager_rounding=True), g.GEMV, 16, 4096, 4096),
     ]
+
+
+POINTERS = ("A", "B", "O", "P", "BIAS", "RES", "RS", "NW")
+
+
+def _launch_ints(spec, cfg, m: int, n_out: int, k: int, splits: int) -> dict[str, int]:
+    """The integer arguments ``gemm._launch`` passes for contiguous 2-D operands of these sizes."""
+    n = 2 * n_out if spec.swiglu else n_out
+    k_chunk = -(-(-(-k // cfg.BLOCK_K)) // splits) * cfg.BLOCK_K
+    sbn, sbk = (k, 1) if spec.b_layout == "nk" else (1, n)
+    return dict(M=m, N_OUT=n_out, K=k, k_chunk=k_chunk, n_splits=splits, GROUPS_M=-(-m // cfg.BLOCK_M),
+                sab=0, sam=k, sak=1, sbb=0, sbn=sbn, sbk=sbk, sob=0, som=n_out, son=1,
+                srb=0, srm=n_out if spec.residual else 0, srn=1 if spec.residual else 0, srsb=0)
 
 
 def _tl(t) -> str:
@@ -78,31 +101,49 @@ def main(arch: str) -> list[dict]:
             cfg = g.config_for(target, spec, m, n_out, k)
             dot = cfg.BLOCK_M >= 16
             block_m = (max(16, 1 << (m - 1).bit_length()) if dot else max(1, 1 << (m - 1).bit_length()))
+            n_tiles = -(-n_out // cfg.BLOCK_N)
+            splits = g.split_k_for(cfg, target, n_tiles, k) if kernel != g.GEMM else 1
             flags = dict(SWIGLU=spec.swiglu, UPCAST=False, IEEE=spec.dtype.itemsize == 4, BLOCK_N=cfg.BLOCK_N)
             if kernel == g.GEMM:
                 flags.update(GROUP_M=cfg.GROUP_M, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K)
             elif kernel == g.GEMV:
-                flags.update(SPLIT=cfg.split_k > 1, DOT=dot, BLOCK_M=block_m, BLOCK_K=cfg.BLOCK_K)
+                flags.update(SPLIT=splits > 1, DOT=dot, BLOCK_M=block_m, BLOCK_K=cfg.BLOCK_K)
             else:
+                splits = max(splits, 2)  # the reduce kernel runs only after a split
                 flags = dict(SWIGLU=spec.swiglu, BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N)
-            # integer arguments a launch specialises (== 1): unit strides, a single row
-            ones = {n: 1 for n in ("sak", "sbk", "son", "srn") if n in fn.arg_names}
-            if m == 1:
-                ones["M"] = 1
+            # Integer arguments as a launch specialises them (Triton's rule: == 1 becomes a constant,
+            # a multiple of 16 is marked divisible by 16; pointers from torch are 16-byte aligned).
+            # Without the divisibility marks no load is provably 16-byte aligned, so nothing is
+            # software-pipelined (cp.async needs it) and shared memory / registers are not the real ones.
+            values = _launch_ints(spec, cfg, m, n_out, k, splits)
+            unknown = set(fn.arg_names) - set(values) - set(flags) - set(POINTERS)
+            assert not unknown, f"{kernel}: no launch value for {unknown}"
+            ones = {n: 1 for n in fn.arg_names if values.get(n) == 1}
             constexprs = {**flags, **ones}
             pointers = {"A": _tl(spec.a_type), "B": _tl(spec.b_type), "O": _tl(spec.out_type), "P": "*fp32",
-                        "BIAS": _tl(spec.dtype), "RES": _tl(spec.out_type), "RS": "*fp32"}
+                        "BIAS": _tl(spec.dtype), "RES": _tl(spec.out_type), "RS": "*fp32", "NW": _tl(spec.a_type)}
             sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
-            out = triton.compile(ASTSource(fn, sig, constexprs), target=gpu,
+            aligned = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
+                       if n not in constexprs and (n in POINTERS or values[n] % 16 == 0)}
+            out = triton.compile(ASTSource(fn, sig, constexprs, aligned), target=gpu,
                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            regs, spilled = _amd_usage(out) if hip else _ptxas_usage(out, int(arch))
             results.append({"kernel": kernel, "case": label, "config": str(cfg), "shared": out.metadata.shared,
-                            "spilled": _amd_spills(out) if hip else _ptxas_spills(out, int(arch)),
-                            "limit": g.shared_limit(target)})
+                            "regs": regs, "spilled": spilled, "limit": g.shared_limit(target),
+                            "async_copies": _async_copies(out)})
     return results
 
 
-def _ptxas_spills(out, arch: int) -> int:
-    """Bytes of spill stores + loads ptxas reports for the kernel's PTX."""
+def _async_copies(out) -> int:
+    """Asynchronous global -> shared copies in the TTGIR: how many loads the software pipeliner
+    turned into prefetches (0: the K loop is not pipelined, whatever num_stages says)."""
+    ttgir = out.asm["ttgir"]
+    return sum(ttgir.count(op) for op in ("ttg.async_copy_global_to_local", "ttng.async_tma_copy_global_to_local",
+                                          "amdgpu.buffer_load_to_local"))
+
+
+def _ptxas_usage(out, arch: int) -> tuple[int, int]:
+    """Registers per thread and bytes of spill stores + loads ptxas reports for the kernel's PTX."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     with tempfile.TemporaryDirectory() as d:
@@ -111,14 +152,16 @@ def _ptxas_spills(out, arch: int) -> int:
         log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", str(src),
                               "-o", str(Path(d) / "k.o")], capture_output=True, text=True, check=True).stderr
     found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    assert found, log
-    return sum(int(s) + int(l) for s, l in found)
+    regs = re.findall(r"Used (\d+) registers", log)
+    assert found and regs, log
+    return max(int(r) for r in regs), sum(int(s) + int(l) for s, l in found)
 
 
-def _amd_spills(out) -> int:
+def _amd_usage(out) -> tuple[int, int]:
     text = out.asm["amdgcn"]
+    regs = [int(v) for v in re.findall(r"\.vgpr_count:\s+(\d+)", text)]
     # VGPR spills go to scratch memory; SGPR spills into VGPR lanes (cheap) are not counted
-    return sum(int(v) for v in re.findall(r"\.vgpr_spill_count:\s+(\d+)", text))
+    return max(regs, default=0), sum(int(v) for v in re.findall(r"\.vgpr_spill_count:\s+(\d+)", text))
 
 
 if __name__ == "__main__":

@@ -6,15 +6,18 @@ Shapes are small with ragged tails (N, K not multiples of any block) so the inte
 """
 from __future__ import annotations
 
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import turbofx  # noqa: F401  (turns on the interpreter before triton is imported)
-from turbofx.codegen.gemm import (CONFIGS, GemmConfig, GemmInputError, GemmSpec, Refusal, config_for,
-                                  epilogue_ops, fold_rmsnorm_weight, gemm, gemm_refusal, rmsnorm_row_scale,
-                                  shared_estimate, shared_limit, AddBias, GatedActivation, RowScale, Store)
+from turbofx.codegen.gemm import (CONFIGS, GemmConfig, GemmInputError, GemmSpec, Refusal, RmsNorm, config_for,
+                                  epilogue_ops, fold_rmsnorm_weight, gemm, gemm_reference, gemm_refusal,
+                                  prologue_ops, render, rmsnorm_row_scale, shared_estimate, shared_limit, AddBias,
+                                  AddResidual, CastOperand, GatedActivation, NormRows, Round, RowScale, Store)
+from turbofx.errors import GemmInputError as GemmInputErrorFromErrors
 from turbofx.codegen.target import Target
 
 ACT = {"silu": F.silu, "relu": torch.relu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -215,6 +218,180 @@ def test_nan_and_inf_stay_in_their_rows(m):
     torch.testing.assert_close(out[fin], eager[fin])
 
 
+# ------------------------------------------------------------------- RMSNorm prologue, eager rounding
+
+
+def _ideal(spec: GemmSpec) -> GemmSpec:
+    """The spec computed exactly: float64 throughout, no intermediate rounding."""
+    norm = spec.norm and replace(spec.norm, mid_dtype=None, out_dtype=None)
+    return replace(spec, dtype=torch.float64, a_dtype=None, b_dtype=None, out_dtype=None, norm=norm,
+                   eager_rounding=False)
+
+
+def _check_against_reference(spec, a, b, bias=None, residual=None, norm_weight=None, config=None):
+    """gemm vs float64 within twice gemm_reference's own error (the reference in spec's dtypes is what
+    eager torch computes)."""
+    out = gemm(a, b, spec, bias=bias, residual=residual, config=config, norm_weight=norm_weight)
+    wide = [t if t is None else t.double() for t in (a, b, bias, residual, norm_weight)]
+    ref = gemm_reference(*wide[:2], _ideal(spec), bias=wide[2], residual=wide[3], norm_weight=wide[4])
+    torch_out = gemm_reference(a, b, spec, bias=bias, residual=residual, norm_weight=norm_weight)
+    assert out.dtype == torch_out.dtype == spec.out_type and out.shape == torch_out.shape == ref.shape
+    _assert_rule(out, ref, torch_out)
+    return out
+
+
+_F16, _F32, _BF16 = torch.float16, torch.float32, torch.bfloat16
+_SWIGLU = dict(swiglu=True, activation="silu")
+# (M, dtype, spec fields, forced config): every regime; small forced blocks give several K tiles
+# (K=70 over 16: a ragged last tile) in the norm's pre-pass and in the main loop
+NORM_CASES = [
+    (1, _F16, dict(has_bias=True), None),  # FMA GEMV, one K tile
+    (3, _F32, dict(_SWIGLU, has_bias=True), GemmConfig("gemv", 4, 16, 16, split_k=3, num_warps=1, num_stages=1)),
+    (3, _F16, dict(a_dtype=_F32, residual=True), None),  # fp32 activations, fp16 matmul
+    (16, _F16, dict(residual=True), GemmConfig("gemv", 16, 16, 16, split_k=3, num_warps=1, num_stages=1)),
+    (17, _F32, dict(_SWIGLU), GemmConfig("tiled", 16, 16, 16, num_warps=1, num_stages=1)),
+    (128, _F16, dict(_SWIGLU, residual=True, has_bias=True), None),
+    (128, _F32, dict(activation="gelu_tanh"), GemmConfig("tiled", 32, 32, 16, num_warps=1, num_stages=1)),
+    (17, _BF16, dict(_SWIGLU, residual=True, eager_rounding=True), None),
+    (1, _F16, dict(has_bias=True, bias_in_matmul=True, eager_rounding=True), None),
+    (16, _F16, dict(_SWIGLU, has_bias=True, residual=True, eager_rounding=True),
+     GemmConfig("gemv", 16, 16, 16, split_k=2, num_warps=1, num_stages=1)),
+]
+
+
+@pytest.mark.parametrize("m, dtype, fields, config", NORM_CASES)
+@pytest.mark.parametrize("style", ["llama", "gemma"])
+def test_rmsnorm_prologue(m, dtype, fields, config, style):
+    n_out, k = 50, 70
+    model = fields.get("a_dtype", dtype)  # the dtype the norm runs in
+    norm = (RmsNorm(1e-6, mid_dtype=model, out_dtype=model) if style == "llama"
+            else RmsNorm(1e-6, out_dtype=model, weight_offset=1.0))
+    spec = GemmSpec(dtype, norm=norm, **fields)
+    n = 2 * n_out if spec.swiglu else n_out
+    a = _rand(m, k, dtype=spec.a_type, scale=3.0)
+    g = (0.3 * torch.randn(k) + (0.0 if style == "gemma" else 1.0)).to(model)
+    b = _rand(n, k, dtype=dtype, scale=k ** -0.5)
+    bias = _rand(n, dtype=dtype) if spec.has_bias else None
+    res = _rand(m, n_out, dtype=dtype) if spec.residual else None
+    out = _check_against_reference(spec, a, b, bias, res, g, config)
+    assert out.shape == (m, n_out)
+
+
+def test_rmsnorm_prologue_batched_kn():
+    spec = GemmSpec(_F16, b_layout="kn", batched=True, norm=RmsNorm(1e-5, _F16, _F16))
+    a, b = _rand(2, 5, 40, dtype=_F16), _rand(2, 40, 24, dtype=_F16, scale=0.2)
+    _check_against_reference(spec, a, b, norm_weight=_rand(40, dtype=_F32))  # an fp32 norm weight
+
+
+def test_rmsnorm_prologue_nan_stays_in_its_row_and_k_zero():
+    # eps=0: an all-zero row is 0 * inf = NaN in eager; the rows past M (masked) stay finite
+    spec = GemmSpec(_F32, norm=RmsNorm(0.0))
+    a, b, g = _rand(3, 20), _rand(9, 20), _rand(20)
+    a[1] = 0.0
+    out = gemm(a, b, spec, norm_weight=g)
+    eager = gemm_reference(a, b, spec, norm_weight=g)
+    assert torch.isnan(out[1]).all() and torch.isnan(eager[1]).all()
+    torch.testing.assert_close(out[[0, 2]], eager[[0, 2]])
+    # K = 0: eager normalises empty rows (nothing) and multiplies by nothing: just the bias
+    spec = GemmSpec(_F32, norm=RmsNorm(1e-6), has_bias=True)
+    bias = _rand(7)
+    for m in (2, 20):
+        args = (torch.empty(m, 0), torch.empty(7, 0), spec)
+        assert torch.equal(gemm(*args, bias=bias, norm_weight=torch.empty(0)), bias.expand(m, 7))
+        assert torch.equal(gemm_reference(*args, bias=bias, norm_weight=torch.empty(0)), bias.expand(m, 7))
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_eager_rounding_rounds_the_matmul_output(m):
+    # acc = 1 + 2^-11 is a tie in fp16 (rounds to 1), so acc - 1 is 0 rounded, 2^-11 in fp32
+    a = torch.ones(m, 2, dtype=_F16)
+    b = torch.tensor([[1.0, 2.0 ** -11]], dtype=_F16)
+    res = torch.full((m, 1), -1.0, dtype=_F16)
+    for eager, want in ((True, 0.0), (False, 2.0 ** -11)):
+        spec = GemmSpec(_F16, residual=True, eager_rounding=eager)
+        assert torch.equal(gemm(a, b, spec, residual=res), torch.full((m, 1), want, dtype=_F16))
+    assert torch.equal(gemm_reference(a, b, GemmSpec(_F16, residual=True, eager_rounding=True), residual=res),
+                       torch.zeros(m, 1, dtype=_F16))
+
+
+def test_norm_and_rounding_ops_are_data():
+    bf = _BF16
+    spec = GemmSpec(bf, norm=RmsNorm(1e-6, bf, bf), has_bias=True, residual=True, eager_rounding=True, **_SWIGLU)
+    assert prologue_ops(spec) == (NormRows(1e-6, bf, bf, 0.0), CastOperand("a", bf))
+    assert epilogue_ops(spec) == (Round(bf), AddBias(), Round(bf), GatedActivation("silu", bf), Round(bf),
+                                  AddResidual(), Round(bf), Store(bf))
+    assert epilogue_ops(replace(spec, bias_in_matmul=True))[:2] == (AddBias(), Round(bf))
+    assert not any(isinstance(op, Round) for op in epilogue_ops(replace(spec, dtype=_F32)))  # fp32: nothing to do
+    assert "_prologue_a_rows" in render(spec) and render(spec) != render(replace(spec, eager_rounding=False))
+
+
+class _LlamaRMSNorm(torch.nn.Module):
+    """Hugging Face's LlamaRMSNorm, as written there."""
+
+    def __init__(self, k, eps):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.3 * torch.randn(k))
+        self.eps = eps
+
+    def forward(self, h):
+        dtype = h.dtype
+        h = h.to(torch.float32)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class _GemmaRMSNorm(_LlamaRMSNorm):
+    """Gemma's: (1 + weight) in fp32, one rounding at the end."""
+
+    def forward(self, x):
+        out = x.float()
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+def _ulps(x, y):
+    """Elementwise distance in units in the last place of two fp16/bf16 tensors."""
+    def ordered(t):
+        i = t.view(torch.int16).to(torch.int32)
+        return torch.where(i >= 0, i, -(i & 0x7FFF))
+    return (ordered(x) - ordered(y)).abs()
+
+
+@pytest.mark.parametrize("dtype", [_BF16, _F16])
+@pytest.mark.parametrize("style", ["llama", "gemma"])
+def test_reference_is_eager_norm_then_linear(dtype, style):
+    # gemm_reference with eager rounding vs an eager decoder's norm + q projection (nn.Linear with
+    # bias: addmm) and norm + SwiGLU MLP's gate/up (separate Linears) + residual
+    k, n, m, eps = 96, 40, 9, 1e-6
+    norm = (_LlamaRMSNorm if style == "llama" else _GemmaRMSNorm)(k, eps).to(dtype)
+    spec_norm = RmsNorm(eps, dtype, dtype) if style == "llama" else RmsNorm(eps, None, dtype, 1.0)
+    q, gate, up = (torch.nn.Linear(k, n, bias=bias).to(dtype) for bias in (True, False, False))
+    x, res = _rand(m, k, dtype=dtype, scale=2.0), _rand(m, n, dtype=dtype)
+    with torch.no_grad():
+        h = norm(x)
+        want_q = q(h)
+        want_mlp = F.silu(gate(h)) * up(h) + res
+        got_q = gemm_reference(x, q.weight, GemmSpec(dtype, norm=spec_norm, has_bias=True, bias_in_matmul=True,
+                                                     eager_rounding=True), bias=q.bias, norm_weight=norm.weight)
+        got_mlp = gemm_reference(x, torch.cat([gate.weight, up.weight]),
+                                 GemmSpec(dtype, norm=spec_norm, residual=True, eager_rounding=True, **_SWIGLU),
+                                 residual=res, norm_weight=norm.weight)
+    assert got_q.dtype == got_mlp.dtype == dtype
+    assert _ulps(got_q, want_q).max() <= 1 and _ulps(got_mlp, want_mlp).max() <= 1
+
+
+def test_reference_on_meta_tensors():
+    spec = GemmSpec(_BF16, norm=RmsNorm(1e-6, _BF16, _BF16), batched=True, has_bias=True, residual=True,
+                    out_dtype=_F32, **_SWIGLU)
+    meta = dict(device="meta")
+    out = gemm_reference(torch.empty(2, 5, 16, dtype=_BF16, **meta), torch.empty(2, 12, 16, dtype=_BF16, **meta),
+                         spec, bias=torch.empty(12, dtype=_BF16, **meta),
+                         residual=torch.empty(2, 5, 6, dtype=_F32, **meta),
+                         norm_weight=torch.empty(16, dtype=_BF16, **meta))
+    assert out.device.type == "meta" and out.shape == (2, 5, 6) and out.dtype == _F32
+
+
 # ---------------------------------------------------------------------------------- misuse
 
 
@@ -252,10 +429,28 @@ def test_nan_and_inf_stay_in_their_rows(m):
     (lambda: GemmConfig("tiled", 8, 16, 16), ">= 16"),
     (lambda: GemmConfig("gemv", 4, 24, 16), "power of two"),
     (lambda: fold_rmsnorm_weight(_rand(5, 8), _rand(5)), "share K"),
+    (lambda: gemm(_rand(3, 8), _rand(5, 8), GemmSpec(torch.float32, norm=RmsNorm(1e-6))), "needs norm_weight"),
+    (lambda: gemm(_rand(3, 8), _rand(5, 8), GemmSpec(torch.float32), norm_weight=_rand(8)), "norm=RmsNorm"),
+    (lambda: gemm(_rand(3, 8), _rand(5, 8), GemmSpec(torch.float32, norm=RmsNorm(1e-6)), norm_weight=_rand(5)),
+     r"norm_weight has shape \(5,\), expected \(8,\)"),
+    (lambda: gemm_reference(_rand(3, 8), _rand(5, 8), GemmSpec(torch.float32, norm=RmsNorm(1e-6)),
+                            norm_weight=torch.ones(8, dtype=torch.int64)), "norm_weight is torch.int64"),
+    (lambda: GemmSpec(torch.float16, norm=RmsNorm(1e-6), row_scale=True), "not both"),
+    (lambda: GemmSpec(torch.float16, norm=1e-6), "RmsNorm"),
+    (lambda: RmsNorm(-1.0), "eps"),
+    (lambda: RmsNorm(float("nan")), "finite"),
+    (lambda: RmsNorm(1e-6, mid_dtype=torch.int8), "mid_dtype"),
+    (lambda: GemmSpec(torch.float16, has_bias=True, row_scale=True, bias_in_matmul=True), "row_scale"),
+    (lambda: gemm_reference(_rand(3, 8), _rand(5, 8), GemmSpec(torch.float32, swiglu=True, activation="silu")),
+     "even"),
 ])
 def test_misuse_is_a_clear_error(call, words):
     with pytest.raises(GemmInputError, match=words):
         call()
+
+
+def test_gemm_input_error_lives_in_errors():
+    assert GemmInputError is GemmInputErrorFromErrors
 
 
 def test_out_aliasing_an_input_is_refused():

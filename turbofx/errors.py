@@ -57,3 +57,7 @@ class TargetError(TurbofxError, ValueError):
 class OpArgsError(TurbofxError, TypeError):
     """An argument view (``turbofx.runtime.op_args``) was asked of a node of another op, or of a
     call whose arguments do not fit the op's schema (a turbofx bug: please report it)."""
+
+
+class GemmInputError(TurbofxError, ValueError):
+    """The GEMM launcher (or its reference) was called with a spec or tensors that do not fit together."""

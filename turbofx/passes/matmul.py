@@ -33,7 +33,6 @@ from turbofx.runtime import ops as tfx_ops
 
 aten = torch.ops.aten
 GEMM_OP = torch.ops.turbofx.gemm.default
-_NORM_PROLOGUE = False  # TEMPORARY until the kernel's RMSNorm prologue lands
 _MATMULS = (aten.mm.default, aten.addmm.default, aten.bmm.default)
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 _TRANSPOSES = (aten.t.default, aten.permute.default, aten.transpose.int)
@@ -88,6 +87,7 @@ class _Match:
     b_layout: str
     batched: bool
     bias: fx.Node | None = None
+    bias_in_matmul: bool = False  # addmm: eager rounds matmul + bias once
     residual: fx.Node | None = None
     norm_x: fx.Node | None = None  # RMSNorm prologue: its input (A is computed from it)
     norm_weight: fx.Node | None = None
@@ -302,8 +302,8 @@ def match(mm: fx.Node, epilogue: bool = True) -> _Match | Refusal:
     if bias is not None:
         if val(bias).dim() != 1 or val(bias).dtype != dt:
             return Refusal("bias-shape", "addmm's bias is not one [N] vector of the matmul's dtype")
-        m.bias = bias
-    if not batched and _NORM_PROLOGUE and epilogue:
+        m.bias, m.bias_in_matmul = bias, True
+    if not batched and epilogue:
         _match_prologue(m)
     if epilogue:
         _match_epilogue(m)
@@ -407,7 +407,7 @@ def _spec(m: _Match) -> gemm_family.GemmSpec:
     return gemm_family.GemmSpec(
         dtype=dt, a_dtype=a_dtype if a_dtype != dt else None, out_dtype=m.out_dtype, b_layout=m.b_layout,
         has_bias=m.bias is not None, activation=m.activation, swiglu=m.swiglu, residual=m.residual is not None,
-        batched=m.batched, norm=m.norm, eager_rounding=True)
+        batched=m.batched, norm=m.norm, eager_rounding=True, bias_in_matmul=m.bias_in_matmul)
 
 
 def _shape_key(node: fx.Node) -> list[str]:
