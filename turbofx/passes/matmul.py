@@ -425,13 +425,16 @@ def _operand_like(node: fx.Node, leading: list[str]) -> fx.Node | None:
         node = node.args[0]
 
 
-def _plan_rewrite(m: _Match) -> tuple[fx.Node, fx.Node | None] | Refusal:
+def _plan_rewrite(m: _Match) -> tuple[fx.Node | tuple, fx.Node | None] | Refusal:
     """(A, residual) shaped like the result's leading dims, or why the rewrite cannot be made."""
     leading = _shape_key(m.last)[:-1]
     a = _operand_like(m.norm_x if m.norm is not None else m.a, leading)
     if a is None and m.norm is None and not m.batched:
         # A's own leading dims: end the chain where the value still has them
         return Refusal("reshape", "the result is reshaped to dims A does not have")
+    if a is None and _is_reshape(m.a) and _viewable(m.norm_x, val(m.a).shape) and \
+            _shape_key(m.a)[:-1] == leading:
+        a = ("view", m.norm_x, m.a.args[1])  # x viewed as A is (A views the norm's output so)
     if a is None:
         return Refusal("reshape", "the normalised input's dims differ from the result's")
     residual = None
@@ -446,6 +449,12 @@ def _rewrite(gm: fx.GraphModule, m: _Match, a: fx.Node, residual: fx.Node | None
     g = gm.graph
     spec = _spec(m)
     text = tfx_ops.gemm_spec_text(spec)
+    if isinstance(a, tuple):  # a view of the norm's input, with the shape arguments A's own view took
+        _, x, shape = a
+        with g.inserting_before(m.last):
+            a = g.call_function(aten.view.default, (x, shape))
+        with _fake_mode(val(x)) or _nullcontext():
+            a.meta["val"] = val(x).view(val(m.a).shape)
     with g.inserting_before(m.last):
         node = g.call_function(GEMM_OP, (a, m.b, m.bias, residual, m.norm_weight, text))
     # the graph nodes this one computes, for reports (they leave the graph)
