@@ -167,6 +167,7 @@ def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
             rec.refuse(n, why)
             continue
         part.place(n, role, rec)
+    _horizontal(part, rec)
     regions = [r for r in part.regions if r.nodes]
     for i, r in enumerate(regions):
         r.id = i
@@ -174,6 +175,30 @@ def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
     _check_acyclic(gm.graph, part.region_of)
     ctx.regions = regions
     return rec
+
+
+HORIZONTAL_MAX = 4096  # elements: a kernel this small costs its launch, not its work
+
+
+def _horizontal(part: _Partition, rec: PassRecord) -> None:
+    """Independent small pointwise regions over one domain become one kernel (one launch instead
+    of many): e.g. every decoder layer's KV-cache length counter and cache positions (HF's static
+    cache keeps them per layer: two [1]-element kernels a layer). A pair merges only when neither
+    reaches the other through the graph (``try_merge``), so no kernel waits for a later one."""
+    groups: dict[tuple, list[Region]] = {}
+    for r in part.regions:
+        if r.nodes and r.kind == "pointwise" and all(d.is_Integer for d in r.full):
+            numel = 1
+            for d in r.full:
+                numel *= int(d)
+            if numel <= HORIZONTAL_MAX:
+                groups.setdefault(tuple(str(d) for d in r.full), []).append(r)
+    for rs in groups.values():
+        head = rs[0]
+        for q in rs[1:]:
+            if part.fuel is not None and not part.fuel.take(f"horizontal merge of region {q.id} into {head.id}"):
+                return
+            part.try_merge(head, q, rec)
 
 
 def _check_acyclic(g: fx.Graph, region_of: dict) -> None:
