@@ -81,6 +81,20 @@ def _cases():
         positions = list(range(cache_len // 2, cache_len // 2 + s))
         return step, _inputs(1, 8, 2, d, positions, cache_len, h16)
 
+    class GatedMlp(torch.nn.Module):  # a decoder's MLP: rmsnorm -> [gate; up] -> SwiGLU -> down + residual
+        def __init__(self, d=256, i=512):
+            super().__init__()
+            self.norm = torch.nn.Parameter(torch.ones(d))
+            self.gate_up = torch.nn.Linear(d, 2 * i, bias=False)
+            self.down = torch.nn.Linear(i, d, bias=False)
+
+        def forward(self, x):
+            g, u = self.gate_up(rmsnorm(x, self.norm)).chunk(2, -1)
+            return x + self.down(F.silu(g) * u)
+
+    def mlp(rows):
+        return GatedMlp().to(h16), (rnd(1, rows, 256),)
+
     def varlen(q, k, v, cu):
         return torch.ops.turbofx.varlen_attention(q, k, v, cu, 0.125, True)
 
@@ -101,6 +115,8 @@ def _cases():
         Case("cached decode (rope + kv write prologue, split)", lambda: cached(1, 2048, 128)),
         Case("cached decode partial rotary d64", lambda: cached(1, 512, 64, rotary=32), False),
         Case("cached prefill (kv_write kernel)", lambda: cached(48, 256, 128)),
+        Case("gemm decode (rmsnorm prologue, swiglu; residual)", lambda: mlp(1)),
+        Case("gemm prefill tiled (rmsnorm prologue, swiglu; residual)", lambda: mlp(200)),
         Case("varlen", lambda: (Fn(varlen), (rnd(200, 4, 64), rnd(200, 2, 64), rnd(200, 2, 64),
                                              torch.tensor([0, 37, 37, 150, 200], dtype=torch.int32)))),
     ]

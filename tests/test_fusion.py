@@ -7,8 +7,8 @@ import turbofx
 
 
 class _Diamond(torch.nn.Module):
-    """Two producers of one add: x*2 -> matmul -> relu, and x*2 directly. Merging the x*2 region
-    with the relu region would put the matmul both before and after one kernel."""
+    """Two producers of one add: x*2 -> cumsum -> relu, and x*2 directly. Merging the x*2 region
+    with the relu region would put the cumsum both before and after one kernel."""
 
     def __init__(self):
         super().__init__()
@@ -16,7 +16,7 @@ class _Diamond(torch.nn.Module):
 
     def forward(self, x):
         q = x * 2
-        r = torch.relu(q @ self.w)
+        r = torch.relu(torch.cumsum(q, -1))  # cumsum has no template: an extern step between regions
         return q + r
 
 

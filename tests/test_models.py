@@ -179,7 +179,9 @@ def test_torch_compile_backend(name):
     assert backend.stats["calls"] > calls0
     assert_model_close(ref, out, rtol=RTOL, atol=ATOL)
     report = turbofx.explain(compiled)
-    assert any(k.label == NORM_LABEL[name] and k.kind == "reduction" for k in report.generated), str(report)
+    norm = NORM_LABEL[name]  # a kernel of its own, or the prologue of the matmuls it feeds
+    assert any((k.label == norm and k.kind == "reduction") or (k.kind == "gemm" and norm in k.label.split("+"))
+               for k in report.generated), str(report)
     # same inputs again: no recompilation, same result
     graphs1 = backend.stats["graphs"]
     with torch.no_grad():
@@ -204,7 +206,7 @@ def test_llama_fp16():
     ref32 = _eager(copy.deepcopy(model).float(), args, kwargs)
     torch.testing.assert_close(out.logits.float(), ref32.logits, rtol=1e-2, atol=1e-2)
     assert out.logits.isfinite().all()
-    assert any(k.label == "rmsnorm" for k in turbofx.explain(compiled).generated)
+    assert any("rmsnorm" in k.label.split("+") for k in turbofx.explain(compiled).generated)  # in the GEMMs
 
 
 def test_llama_eager_attention_softmax_kernel():

@@ -30,4 +30,6 @@ def test_greedy_tokens_equal_eager(smollm2):
     out = turbofx.generate(model, ids, 3)
     assert torch.equal(out.sequences, ref), (tok.decode(out.new_tokens[0]), tok.decode(ref[0, ids.shape[1]:]))
     labels = {k.label for k in out.reports["decode"].generated}
-    assert {"rmsnorm", "activation", "attention+rope+cache write"} <= labels
+    # a decoder layer: QKV with its RMSNorm | attention with RoPE and the cache write | O + residual |
+    # RMSNorm + gate/up + SwiGLU | down + residual
+    assert {"rmsnorm+matmul", "attention+rope+cache write", "matmul+residual", "rmsnorm+matmul+silu-glu"} <= labels

@@ -178,3 +178,36 @@ def test_bisect_when_nothing_is_wrong():
 def test_bisect_refuses_a_budget():
     with pytest.raises(TurbofxError, match="max_rewrites"):
         turbofx.bisect(_Chain(), (_x(),), max_rewrites=3)
+
+
+def test_verify_kernels_replaces_a_wrong_gemm(monkeypatch):
+    """A GEMM kernel that disagrees with eager runs as its op's reference (ATen matmul) instead."""
+    from turbofx.codegen import family
+    from turbofx.codegen.gemm import GemmFamily
+
+    real = GemmFamily.runner
+
+    def wrong(self, s, kernels):
+        run = real(self, s, kernels)
+
+        def off_by_one(values, env):
+            run(values, env)
+            values[s["out"]].add_(1.0)
+
+        return family.bind(off_by_one, s, self)
+
+    monkeypatch.setattr(GemmFamily, "runner", wrong)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.SiLU()).eval()
+    x = _x()
+    with torch.no_grad():
+        ref = model(x)
+    plain = turbofx.compile(model, (x,))
+    assert not torch.allclose(plain(x), ref, atol=1e-3)  # the injected kernel is wrong indeed
+    checked = turbofx.compile(model, (x,), verify="kernels")
+    torch.testing.assert_close(checked(x), ref, rtol=1e-4, atol=1e-4)
+    rep = turbofx.explain(checked)
+    (m,) = rep.kernel_mismatches
+    assert m.kind == "gemm" and m.max_abs_error > 0.5
+    assert not [k for k in rep.kernels if k.kind == "gemm"]
+    (fallback,) = [k for k in rep.fallbacks if k.label == "turbofx::gemm.default"]
+    assert rep.refusal_of(fallback.nodes[0]).code == "kernel-mismatch"

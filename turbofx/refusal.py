@@ -20,7 +20,12 @@ Codes in use (keep them stable; add new ones here):
   ``pow-exponent``, ``argument-kind``, ``scalar-reduction``, ``not-last-dim``, ``integer-max-min``,
   ``size-1-dim``.
 - GEMM family (``codegen/gemm.py``): ``strides``, ``batch-broadcast``, ``swiglu-odd-n``.
-- verify=kernels: ``kernel-mismatch`` (a region replaced by its ATen ops).
+- matmul pass: ``alpha-beta`` (addmm scaled), ``bias-shape``, ``reshape`` (the result's dims cannot be
+  reached from A's without a reshape of symbolic size).
+- layout pass: ``weights-are-inputs`` (torch.compile door), ``not-state``, ``not-2d``, ``weight-shared``,
+  ``bias-not-state``, ``dtype-differs``, ``device-differs``, ``k-differs``, ``mixed-bias``,
+  ``shared-storage``, ``layout-view``, ``output-layout``.
+- verify=kernels: ``kernel-mismatch`` (a region replaced by its ATen ops, a GEMM by its op's reference).
 
 No code starts with ``view`` or ``tuple``: lowering and reports take extern reasons starting
 with those words for free aliases.

@@ -31,8 +31,8 @@ META = torch.device("meta")
 
 @dataclass(frozen=True)
 class StepCost:
-    """One Program step. ``kind``: pointwise | reduction | attention | matmul | extern | alias (a
-    view or tuple element: no launch, no traffic)."""
+    """One Program step. ``kind``: pointwise | reduction | attention | gemm | matmul (an extern one) |
+    extern | alias (a view or tuple element: no launch, no traffic)."""
 
     name: str
     kind: str

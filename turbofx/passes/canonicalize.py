@@ -42,6 +42,8 @@ def _is_noop(n: fx.Node) -> bool:
         return True  # same shape means the slice selects everything
     if t is aten.permute.default:
         return list(n.args[1]) == list(range(len(n.args[1])))
+    if t is aten.clone.default:  # same layout: a copy of equal values (eval-mode dropout leaves one)
+        return True
     if t is aten._to_copy.default:
         return set(n.kwargs) <= {"dtype", "layout", "device", "memory_format"}
     return False

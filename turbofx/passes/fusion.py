@@ -91,17 +91,15 @@ class _Partition:
     def creates_cycle(self, region: Region, n: fx.Node) -> bool:
         return self.reaches(region, n.all_input_nodes)
 
-    def try_merge(self, r: Region, q: Region, rec: PassRecord) -> None:
-        """Merge producer region ``q`` into ``r`` (both feed one node) when one kernel can hold both."""
+    def merge_refusal(self, r: Region, q: Region) -> Refusal | None:
+        """Why regions ``r`` and ``q`` cannot be one kernel (None: they can)."""
         if not same_shape(q.full, r.full):
-            return
+            return Refusal("domain-differs", f"region {q.id} not merged into {r.id}: domains differ")
         both = r.members | q.members
         outside_r = [a for m in r.nodes for a in m.all_input_nodes if a not in both]
         outside_q = [a for m in q.nodes for a in m.all_input_nodes if a not in both]
         if self.reaches(q, outside_r) or self.reaches(r, outside_q):
-            rec.refuse(q.nodes[-1], Refusal("would-cycle",
-                                            f"region {q.id} not merged into {r.id}: would create a cycle"))
-            return
+            return Refusal("would-cycle", f"region {q.id} not merged into {r.id}: would create a cycle")
         # Every edge between the two must be one the merged kernel can compute: e.g. a row value
         # [R] read by a full node [R, C] broadcasts along C, not along the rows, when R == C (the
         # shapes coincide, the semantics do not), so it must stay a loaded input.
@@ -111,8 +109,11 @@ class _Partition:
             if any(a in both and a not in own for a in m.all_input_nodes):
                 why = _fits(merged, m, _role(m)[0])
                 if why is not None:
-                    rec.refuse(q.nodes[-1], why.within(f"region {q.id} not merged into {r.id}: at {m.name}"))
-                    return
+                    return why.within(f"region {q.id} not merged into {r.id}: at {m.name}")
+        return None
+
+    def merge(self, r: Region, q: Region) -> None:
+        """Region ``q``'s nodes join ``r`` (``merge_refusal`` said they can)."""
         if q.kind == "reduction":
             r.kind = "reduction"
         for m in q.nodes:
@@ -120,6 +121,16 @@ class _Partition:
             self.region_of[m] = r
         r.nodes = sorted(r.nodes + q.nodes, key=self.order.__getitem__)
         q.nodes, q.members = [], set()
+
+    def try_merge(self, r: Region, q: Region, rec: PassRecord) -> None:
+        """Merge producer region ``q`` into ``r`` (both feed one node) when one kernel can hold both."""
+        if not same_shape(q.full, r.full):
+            return
+        why = self.merge_refusal(r, q)
+        if why is not None:
+            rec.refuse(q.nodes[-1], why)
+            return
+        self.merge(r, q)
 
     def new_region(self, n: fx.Node, role: str) -> Region:
         if role == "reduction":
@@ -196,9 +207,11 @@ def _horizontal(part: _Partition, rec: PassRecord) -> None:
     for rs in groups.values():
         head = rs[0]
         for q in rs[1:]:
+            if part.merge_refusal(head, q) is not None:
+                continue  # e.g. one reads the other: stays its own kernel (not a refusal of anything asked)
             if part.fuel is not None and not part.fuel.take(f"horizontal merge of region {q.id} into {head.id}"):
                 return
-            part.try_merge(head, q, rec)
+            part.merge(head, q)
 
 
 def _check_acyclic(g: fx.Graph, region_of: dict) -> None:
