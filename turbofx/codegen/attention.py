@@ -430,11 +430,10 @@ class AttentionFamily(family.Family):
         return [s["out"]]
 
     def cost(self, s: dict, values: list, env: dict, ledger):
-        from turbofx.compiler.roofline import META, StepCost, _footprint
+        from turbofx.compiler.roofline import StepCost, _footprint, meta_output
 
         q, k, v = values[s["q"]], values[s["k"]], values[s["v"]]
-        out = torch.empty_strided([_eval(_compile_expr(e), env) for e in s["shape"]],
-                                  [_eval(_compile_expr(e), env) for e in s["stride"]], dtype=q.dtype, device=META)
+        out = meta_output(s, env, q.dtype)
         reads = [q, k, v] + ([values[s["mask"]]] if s.get("mask") is not None else [])
         written = _footprint(out)
         launches = 1
@@ -492,11 +491,10 @@ class VarlenFamily(family.Family):
         return [s["out"]]
 
     def cost(self, s: dict, values: list, env: dict, ledger):
-        from turbofx.compiler.roofline import META, StepCost, _footprint
+        from turbofx.compiler.roofline import StepCost, _footprint, meta_output
 
         q, k, v = values[s["q"]], values[s["k"]], values[s["v"]]
-        out = torch.empty_strided([_eval(_compile_expr(e), env) for e in s["shape"]],
-                                  [_eval(_compile_expr(e), env) for e in s["stride"]], dtype=q.dtype, device=META)
+        out = meta_output(s, env, q.dtype)
         t, h, d = q.shape
         values[s["out"]] = out  # packed rows: the key ranges are data; the full square as a bound
         return StepCost(s["kernel"], "attention", ledger.reads([q, k, v, values[s["cu_seqlens"]]]), _footprint(out),

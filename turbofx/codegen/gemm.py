@@ -1113,15 +1113,12 @@ class GemmFamily(family.Family):
     def cost(self, s: dict, values: list, env: dict, ledger):
         """Operands read once each (tiles re-read from cache are not traffic), the output written,
         2·M·N·K FLOPs (SwiGLU: both halves), a second launch when the GEMV splits K."""
-        from turbofx.compiler.roofline import META, StepCost, _footprint
-        from turbofx.runtime.exprs import _compile_expr, _eval
+        from turbofx.compiler.roofline import StepCost, _footprint, meta_output
         from turbofx.runtime.ops import gemm_spec_of
 
         spec = gemm_spec_of(s["spec"])
         a, b = values[s["a"]], values[s["b"]]
-        out = torch.empty_strided([_eval(_compile_expr(e), env) for e in s["shape"]],
-                                  [_eval(_compile_expr(e), env) for e in s["stride"]], dtype=spec.out_type,
-                                  device=META)
+        out = meta_output(s, env, spec.out_type)
         values[s["out"]] = out
         batch = a.shape[0] if spec.batched else 1
         m, k = (a.shape[-2] if spec.batched else a.numel() // max(a.shape[-1], 1)), a.shape[-1]

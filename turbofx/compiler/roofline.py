@@ -145,6 +145,14 @@ def _footprint(t) -> int:
     return n * t.element_size()
 
 
+def meta_output(step: dict, env: dict, dtype: torch.dtype) -> torch.Tensor:
+    """A step's output as a meta tensor, from the shape and stride expressions the step holds."""
+    from turbofx.runtime.exprs import _compile_expr, _eval
+
+    return torch.empty_strided([_eval(_compile_expr(e), env) for e in step["shape"]],
+                               [_eval(_compile_expr(e), env) for e in step["stride"]], dtype=dtype, device=META)
+
+
 def _tensors(x) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
 
