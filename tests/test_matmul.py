@@ -158,3 +158,76 @@ def test_matmul_with_a_second_reader_of_its_result_keeps_the_chain_short():
 def test_verify_passes_accepts_the_rewrite():
     cm, ref, out, report = _compile(Mlp(F.silu), torch.randn(2, 3, 24), verify=True)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, *a):
+        return self.f(*a)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (0, 4, 3), (3, 0, 5), (1, 7, 1), (17, 9, 33)])
+def test_edge_sizes_equal_eager(m, k, n):
+    a, b, bias = torch.randn(m, k), torch.randn(k, n), torch.randn(n)
+    cm, ref, out, report = _compile(_Fn(lambda a, b, c: torch.addmm(c, a, b)), a, b, bias)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out.shape == (m, n)
+
+
+def test_transposed_and_sliced_operands_and_special_values():
+    a = torch.randn(6, 10)
+    b = torch.randn(12, 6)
+    a[1, 2], a[3, 4], b[5, 1] = float("nan"), float("inf"), float("-inf")
+
+    def f(a, b):
+        return torch.mm(a.t(), b.t()[:, 2:9]), torch.mm(a[:, :5].t(), b[:6, 2:8])
+
+    cm, ref, out, report = _compile(_Fn(f), a, b)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert len(_gemms(report)) == 2, report
+
+
+def test_alpha_beta_addmm_stays_extern_with_its_code():
+    a, b, c = torch.randn(3, 4), torch.randn(4, 5), torch.randn(5)
+    cm, ref, out, report = _compile(_Fn(lambda a, b, c: torch.addmm(c, a, b, beta=0.5, alpha=2.0)), a, b, c)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert _matmul_refusals(report) == ["alpha-beta"] and not _gemms(report)
+
+
+def test_one_weight_used_twice_and_3d_matmul():
+    w = torch.nn.Linear(8, 8, bias=False)
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = w
+
+        def forward(self, x):
+            return self.w(torch.relu(self.w(x))) + x @ self.w.weight
+
+    cm, ref, out, report = _compile(Twice(), torch.randn(2, 3, 8))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert len(_gemms(report)) == 3 and not [k for k in report.fallbacks if "mm" in k.label], report
+
+
+def test_rmsnorm_prologue_in_fp16_equals_eager():
+    class NormLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = torch.nn.Parameter(torch.rand(32) + 0.5)
+            self.lin = torch.nn.Linear(32, 24, bias=False)
+
+        def forward(self, x):
+            x32 = x.float()
+            h = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+            return self.lin(self.g * h)
+
+    m = NormLinear().half()
+    x = torch.randn(3, 5, 32).half()
+    cm, ref, out, report = _compile(m, x)
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+    assert [k.label for k in _gemms(report)] == ["rmsnorm+matmul"] and report.counts() == {"gemm": 1}, report

@@ -1092,10 +1092,11 @@ class GemmFamily(family.Family):
                 return
             operands = {k: values[i] for k, i in extra.items()}
             if not spec.batched:  # leading dims are rows: [*, K] -> [M, K] (a view when strides allow)
-                a = a.reshape(-1, a.shape[-1])
-                out = out.view(-1, out.shape[-1])
+                rows = out.numel() // out.shape[-1]
+                a = a.reshape(rows, a.shape[-1])
+                out = out.view(rows, out.shape[-1])
                 if "residual" in operands:
-                    operands["residual"] = operands["residual"].reshape(-1, out.shape[-1])
+                    operands["residual"] = operands["residual"].reshape(rows, out.shape[-1])
             gemm(a, values[bi], spec, out=out, target=target, config=configs[m_bucket(a.shape[-2])], kernels=fns,
                  **operands)
 

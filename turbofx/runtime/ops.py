@@ -11,6 +11,8 @@ when no kernel is generated (and in tests).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -255,9 +257,10 @@ def _gemm_reference(a, b, bias, residual, norm_weight, spec):
 
     s = gemm_spec_of(spec)
     out_shape = gemm_out_shape(a.shape, b.shape, s)
-    if not s.batched:
-        a = a.reshape(-1, a.shape[-1])
-        residual = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
+    if not s.batched:  # explicit row count: -1 is ambiguous when K or N is 0
+        rows = math.prod(a.shape[:-1])
+        a = a.reshape(rows, a.shape[-1])
+        residual = residual.reshape(rows, residual.shape[-1]) if residual is not None else None
     out = gemm_reference(a, b, s, bias=bias, residual=residual, norm_weight=norm_weight)
     return out.reshape(out_shape)
 
