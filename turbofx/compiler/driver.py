@@ -190,9 +190,10 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
     report.rewrites, report.rewrite_budget, report.budget_exhausted = ctx.fuel.taken, ctx.fuel.limit, ctx.fuel.exhausted
     t1 = time.perf_counter()
     refusals: dict[str, Refusal] = {r.node: r.refusal for rec in report.passes for r in rec.refused}
-    log.info("generating %d kernels for %s", len(ctx.regions), target.describe())
     regions = list(ctx.regions)
     lowered, kernels = _lower_and_load(captured, regions, target, refusals, progress)
+    log.info("generated %d kernel sources (%d fused regions) for %s", len(set(lowered.sources.values())),
+             len(regions), target.describe())
     if opts.verify_kernels:
         progress.stage("verify kernels")
         report.kernel_mismatches = check_kernels(captured.gm, Program(lowered.program, kernels), lowered.slots,
