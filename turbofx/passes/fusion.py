@@ -173,6 +173,8 @@ def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target in _FREE or val(n) is None:
             continue
+        if getattr(n.target, "namespace", None) == "turbofx":
+            continue  # attention, GEMM: their own kernel families lower them (not a refusal)
         role, why = _role(n)
         if role is None:
             rec.refuse(n, why)

@@ -43,9 +43,14 @@ def _is_cast(n, dtype=None) -> bool:
     if not isinstance(n, fx.Node) or n.op != "call_function":
         return False
     if n.target is aten._to_copy.default:
-        extra = set(n.kwargs) - {"dtype", "memory_format"}
-        if extra or "dtype" not in n.kwargs or n.kwargs.get("memory_format") not in (None, torch.preserve_format):
+        kw = n.kwargs
+        src = val(n.args[0])
+        if set(kw) - {"dtype", "memory_format", "layout", "device"} or "dtype" not in kw:
             return False
+        if kw.get("memory_format") not in (None, torch.preserve_format) or kw.get("layout") not in (None, torch.strided):
+            return False
+        if kw.get("device") is not None and (src is None or torch.device(kw["device"]) != src.device):
+            return False  # a device transfer, not a cast (type_as spells out the same device)
     elif n.target is not aten.to.dtype:
         return False
     return dtype is None or val(n).dtype == dtype
