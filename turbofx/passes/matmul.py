@@ -19,7 +19,7 @@ the chain stops there). Matmuls the template cannot do stay as they are, with a 
 """
 from __future__ import annotations
 
-import operator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -120,8 +120,8 @@ def _operands(mm: fx.Node):
 def _weight_view(b: fx.Node, batched: bool):
     """(stored B, layout): a transposed 2-D weight is read in its own [N, K] layout."""
     if not batched and b.op == "call_function" and b.target in _TRANSPOSES and val(b.args[0]).dim() == 2:
-        if b.target is aten.permute.default and list(b.args[1]) not in ([1, 0], [-1, -2], [-1, 0], [1, -2]):
-            return b, "kn"
+        if b.target is aten.permute.default and [d % 2 for d in b.args[1]] != [1, 0]:
+            return b, "kn"  # the identity permutation (canonicalize drops it anyway)
         return b.args[0], "nk"
     return b, "kn"
 
@@ -292,8 +292,8 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     return [str(s) for s in val(a).shape] == [str(s) for s in val(b).shape]
 
 
-def match(mm: fx.Node, epilogue: bool = True) -> _Match | Refusal:
-    """What fuses with ``mm``, or the refusal code and detail when the template does not do it."""
+def match(mm: fx.Node, fuse: bool = True) -> _Match | Refusal:
+    """What fuses with ``mm`` (nothing when not ``fuse``), or why the template does not do it."""
     ops = _operands(mm)
     if ops is None:
         return Refusal("alpha-beta", "addmm with alpha or beta other than 1")
@@ -301,16 +301,17 @@ def match(mm: fx.Node, epilogue: bool = True) -> _Match | Refusal:
     dt = val(mm).dtype
     for what, t in (("A", a), ("B", b), ("output", mm)):
         if val(t).dtype not in gemm_family.FLOATS or val(t).dtype != dt:
-            return Refusal("dtype", f"{what} is {val(t).dtype} (the template does fp16, bf16 and fp32 matmuls of one dtype)")
+            return Refusal("dtype", f"{what} is {val(t).dtype} (the template does fp16, bf16 and fp32 matmuls "
+                                    "of one dtype)")
     stored_b, layout = _weight_view(b, batched)
     m = _Match(mm=mm, a=a, b=stored_b, b_layout=layout, batched=batched, last=mm)
     if bias is not None:
         if val(bias).dim() != 1 or val(bias).dtype != dt:
             return Refusal("bias-shape", "addmm's bias is not one [N] vector of the matmul's dtype")
         m.bias, m.bias_in_matmul = bias, True
-    if not batched and epilogue:
+    if fuse and not batched:
         _match_prologue(m)
-    if epilogue:
+    if fuse:
         _match_epilogue(m)
     return m
 
@@ -329,7 +330,6 @@ def _match_prologue(m: _Match) -> None:
         m.notes.append(f"rmsnorm of {x.name} not fused: its input cannot be viewed as A (strides)")
         return
     m.norm_x, m.norm_weight, m.norm, m.norm_nodes = x, w, norm, nodes
-    m.notes.append(f"rmsnorm of {x.name} (eps {norm.eps:g}) computed in the prologue")
 
 
 def _match_epilogue(m: _Match) -> None:
@@ -388,18 +388,10 @@ def _out_shape(m: _Match) -> tuple:
 def _viewable(t: fx.Node, shape) -> bool:
     """Can ``t`` be viewed as ``shape`` (no copy)?"""
     try:
-        with _fake_mode(val(t)) or _nullcontext():
+        with _fake_mode(val(t)) or nullcontext():
             val(t).view(shape)
         return True
     except Exception:  # noqa: BLE001  (a view the strides do not allow)
-        return False
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
         return False
 
 
@@ -458,13 +450,13 @@ def _rewrite(gm: fx.GraphModule, m: _Match, a: fx.Node, residual: fx.Node | None
         _, x, shape = a
         with g.inserting_before(m.last):
             a = g.call_function(aten.view.default, (x, shape))
-        with _fake_mode(val(x)) or _nullcontext():
+        with _fake_mode(val(x)) or nullcontext():
             a.meta["val"] = val(x).view(val(m.a).shape)
     with g.inserting_before(m.last):
         node = g.call_function(GEMM_OP, (a, m.b, m.bias, residual, m.norm_weight, text))
     # the graph nodes this one computes, for reports (they leave the graph)
     node.meta["turbofx_fused"] = [m.mm.name] + [n.name for n in m.absorbed] + [n.name for n in m.norm_nodes]
-    with _fake_mode(val(a), val(m.b)) or _nullcontext():
+    with _fake_mode(val(a), val(m.b)) or nullcontext():
         node.meta["val"] = tfx_ops.gemm(val(a), val(m.b), val(m.bias), val(residual), val(m.norm_weight), text)
     m.last.replace_all_uses_with(node)
     for n in reversed([m.mm] + m.absorbed):
@@ -494,7 +486,7 @@ def matmul(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
             continue
         plan = _plan_rewrite(found)
         if isinstance(plan, Refusal) and found.absorbed:  # retry with the matmul alone
-            found = match(mm, epilogue=False)
+            found = match(mm, fuse=False)
             plan = _plan_rewrite(found)
         if isinstance(plan, Refusal):
             rec.refuse(mm, plan)
@@ -507,10 +499,10 @@ def matmul(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
         fused = [f for f, on in (("rmsnorm", found.norm), ("bias", found.bias), ("swiglu", found.swiglu),
                                  (found.activation, found.activation and not found.swiglu),
                                  ("residual", found.residual), ("cast", found.out_dtype)) if on]
-        rec.matched.append(f"{node.name}: {mm.name} ({found.b_layout})" + (f" + {' + '.join(fused)}" if fused else ""))
+        rec.matched.append(f"{node.name}: {mm.name} ({found.b_layout})" + (f" + {' + '.join(fused)}" if fused else "")
+                           + "".join(f"; {note}" for note in found.notes))
     _dead_code(gm.graph)
     return rec
 
 
 matmul.pass_name = "matmul"
-_ = operator  # getitem nodes are never absorbed
