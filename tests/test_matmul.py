@@ -231,3 +231,11 @@ def test_rmsnorm_prologue_in_fp16_equals_eager():
     cm, ref, out, report = _compile(m, x)
     torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
     assert [k.label for k in _gemms(report)] == ["rmsnorm+matmul"] and report.counts() == {"gemm": 1}, report
+
+
+def test_an_input_strided_unlike_the_example_still_gives_the_right_answer():
+    m = torch.nn.Linear(6, 4).eval()
+    cm, ref, out, report = _compile(m, torch.randn(5, 6))
+    x = torch.randn(6, 10)[:, ::2].t()  # [5, 6], neither row- nor column-major
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), m(x), rtol=1e-5, atol=1e-5)

@@ -1099,6 +1099,8 @@ class GemmFamily(family.Family):
                 out = out.view(rows, out.shape[-1])
                 if "residual" in operands:
                     operands["residual"] = operands["residual"].reshape(rows, out.shape[-1])
+            if a.dim() >= 2 and not _unit_stride(a.shape, a.stride()):
+                a = a.contiguous()  # a caller's input strided unlike the example: tiles need a unit stride
             gemm(a, values[bi], spec, out=out, target=target, config=configs[m_bucket(a.shape[-2])], kernels=fns,
                  **operands)
 
