@@ -13,9 +13,11 @@ from turbofx.errors import ArtifactError
 
 
 def _matmuls(compiled) -> dict[str, int]:
-    """Matmuls of a compiled module (GEMM kernels or extern calls): how many, how many with a bias."""
+    """Projections of a compiled module (GEMM kernels or extern mm/addmm): how many, how many with a bias."""
     out = {"matmuls": 0, "with_bias": 0}
     for k in turbofx.explain(compiled).kernels:
+        if any(n.startswith("bmm") for n in k.nodes):
+            continue  # not a projection (transformers 5.17's rotary embedding is a K=1 bmm)
         gemm = k.kind == "gemm"
         if gemm or (k.kind == "extern" and k.label in ("aten::mm.default", "aten::addmm.default")):
             out["matmuls"] += 1
