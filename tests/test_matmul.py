@@ -239,3 +239,16 @@ def test_an_input_strided_unlike_the_example_still_gives_the_right_answer():
     x = torch.randn(6, 10)[:, ::2].t()  # [5, 6], neither row- nor column-major
     with torch.no_grad():
         torch.testing.assert_close(cm(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_spec_text_round_trips_and_refuses_unknown_records():
+    from turbofx.codegen.gemm import GemmSpec, RmsNorm
+    from turbofx.runtime.ops import gemm_spec_of, gemm_spec_text
+
+    spec = GemmSpec(dtype=torch.float16, a_dtype=torch.float32, activation="silu", swiglu=True, residual=True,
+                    norm=RmsNorm(1e-6, torch.float16, torch.float16, 1.0), eager_rounding=True)
+    assert gemm_spec_of(gemm_spec_text(spec)) == spec
+    with pytest.raises(ValueError, match="unknown record"):
+        gemm_spec_of('{"$Target":{"backend":"cuda"}}')
+    with pytest.raises(ValueError, match="unknown dtype"):
+        gemm_spec_of('{"$GemmSpec":{"dtype":{"$dtype":"manual_seed"}}}')

@@ -11,6 +11,7 @@ when no kernel is generated (and in tests).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -207,24 +208,25 @@ def gemm_spec_of(text: str):
     return _spec_of(text)
 
 
-import functools as _functools  # noqa: E402
-
-
-@_functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _spec_of(text: str):
     import json
 
     from turbofx.codegen import gemm as g
 
+    records = {"GemmSpec": g.GemmSpec, "RmsNorm": g.RmsNorm}  # the only records a spec holds
+
     def dec(v):
         if isinstance(v, dict):
             (k, inner), = v.items()
             if k == "$dtype":
-                return getattr(torch, inner)
-            cls = getattr(g, k[1:], None)
-            if cls is None:
+                dtype = getattr(torch, inner, None)
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"turbofx::gemm spec names an unknown dtype {inner!r}")
+                return dtype
+            if k[1:] not in records:
                 raise ValueError(f"turbofx::gemm spec names an unknown record {k[1:]!r}")
-            return cls(**{f: dec(x) for f, x in inner.items()})
+            return records[k[1:]](**{f: dec(x) for f, x in inner.items()})
         return v
 
     return dec(json.loads(text))
