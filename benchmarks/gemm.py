@@ -60,6 +60,8 @@ from turbofx.codegen.gemm import GemmSpec, gemm
 from turbofx.codegen.target import detect
 from turbofx.compiler import roofline
 
+from benchmarks.attention import time_graph
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CONTESTANTS = ("turbofx", "torch")
 REF_ROWS = 16  # rows of each result compared with the fp32 reference
@@ -236,29 +238,8 @@ def time_call(call, copies: list, iters: int) -> tuple[float, str]:
     est = _eager_us(call, copies, 2)  # also the warm-up: JIT, allocator
     inner = len(copies) * max(1, min(64, math.ceil(2000.0 / max(est, 1.0) / len(copies))))  # ~2 ms a replay
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for x in copies[:2]:
-                call(x)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(inner):
-                call(copies[i % len(copies)])
-        graph.replay()
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e3 / inner)
-        del graph
-        return statistics.median(samples), f"cuda graph x{inner}"
+        ms = time_graph(lambda i: call(copies[i % len(copies)]), len(copies), torch.device("cuda"), iters, inner)
+        return ms * 1e3, f"cuda graph x{inner}"
     except Exception as e:  # noqa: BLE001  (recorded in the row)
         torch.cuda.synchronize()
         return _eager_us(call, copies, iters), f"eager ({type(e).__name__}: {_first_line(e)[:100]})"

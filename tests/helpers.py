@@ -51,3 +51,14 @@ def tensor_leaves(x: Any) -> list[torch.Tensor]:
     if isinstance(x, (tuple, list)):
         return [t for v in x for t in tensor_leaves(v)]
     return []
+
+
+class Fn(torch.nn.Module):
+    """A function as a module (what turbofx.compile takes)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs):
+        return self.fn(*xs)

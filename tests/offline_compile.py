@@ -46,6 +46,8 @@ KNOWN_SPILLS = {
     ("hip:gfx942", "tfx_attention_fwd", "attention prefill causal d64"): "a few VGPRs on gfx942 (Triton 3.9)",
     ("hip:gfx942", "tfx_attention_fwd", "attention window + softcap"): "a few VGPRs on gfx942 (Triton 3.9)",
     ("hip:gfx942", "tfx_attention_varlen", "varlen"): "a few VGPRs on gfx942 (Triton 3.9)",
+    # seen once the harness specialised launches as Triton's JIT does (16-divisible arguments marked)
+    ("cuda:sm100", "tfx_attention_fwd", "attention prefill causal d64"): "24 B at 128 registers on sm100 (Triton 3.9)",
 }
 
 
@@ -54,17 +56,10 @@ def _cases():
     import torch.nn.functional as F
 
     sys.path.insert(0, str(ROOT))
+    from tests.helpers import Fn
     from tests.test_attention_prologue import CachedStep, _inputs
 
     h16 = torch.float16
-
-    class Fn(torch.nn.Module):
-        def __init__(self, f):
-            super().__init__()
-            self.f = f
-
-        def forward(self, *a):
-            return self.f(*a)
 
     def rnd(*shape, dtype=h16):
         return torch.randn(*shape).to(dtype)

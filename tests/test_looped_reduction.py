@@ -7,14 +7,7 @@ import torch
 
 import turbofx
 
-
-class Fn(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *xs):
-        return self.fn(*xs)
+from tests.helpers import Fn
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 import turbofx
 
+from tests.helpers import Fn
+
 torch.manual_seed(0)
 
 
@@ -160,19 +162,10 @@ def test_verify_passes_accepts_the_rewrite():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-class _Fn(torch.nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.f = f
-
-    def forward(self, *a):
-        return self.f(*a)
-
-
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (0, 4, 3), (3, 0, 5), (1, 7, 1), (17, 9, 33)])
 def test_edge_sizes_equal_eager(m, k, n):
     a, b, bias = torch.randn(m, k), torch.randn(k, n), torch.randn(n)
-    cm, ref, out, report = _compile(_Fn(lambda a, b, c: torch.addmm(c, a, b)), a, b, bias)
+    cm, ref, out, report = _compile(Fn(lambda a, b, c: torch.addmm(c, a, b)), a, b, bias)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert out.shape == (m, n)
 
@@ -185,7 +178,7 @@ def test_transposed_and_sliced_operands_and_special_values():
     def f(a, b):
         return torch.mm(a.t(), b.t()[:, 2:9]), torch.mm(a[:, :5].t(), b[:6, 2:8])
 
-    cm, ref, out, report = _compile(_Fn(f), a, b)
+    cm, ref, out, report = _compile(Fn(f), a, b)
     for o, r in zip(out, ref):
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, equal_nan=True)
     assert len(_gemms(report)) == 2, report
@@ -193,7 +186,7 @@ def test_transposed_and_sliced_operands_and_special_values():
 
 def test_alpha_beta_addmm_stays_extern_with_its_code():
     a, b, c = torch.randn(3, 4), torch.randn(4, 5), torch.randn(5)
-    cm, ref, out, report = _compile(_Fn(lambda a, b, c: torch.addmm(c, a, b, beta=0.5, alpha=2.0)), a, b, c)
+    cm, ref, out, report = _compile(Fn(lambda a, b, c: torch.addmm(c, a, b, beta=0.5, alpha=2.0)), a, b, c)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert _matmul_refusals(report) == ["alpha-beta"] and not _gemms(report)
 
