@@ -61,3 +61,8 @@ class OpArgsError(TurbofxError, TypeError):
 
 class GemmInputError(TurbofxError, ValueError):
     """The GEMM launcher (or its reference) was called with a spec or tensors that do not fit together."""
+
+
+class QuantizationError(TurbofxError, ValueError):
+    """A quantization config, a weight or a GGUF file that cannot be quantized or read as asked
+    (a bad config, a weight with NaN/inf, a scheme the target cannot run)."""

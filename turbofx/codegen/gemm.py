@@ -87,6 +87,60 @@ class RmsNorm:
                 raise GemmInputError(f"RmsNorm.{name} must be None or one of {FLOATS}, not {v!r}")
 
 
+WEIGHT_STORAGE = {"int8": torch.int8, "uint4": torch.uint8, "fp8_e4m3": torch.float8_e4m3fn,
+                  "fp8_e4m3fnuz": torch.float8_e4m3fnuz}
+ACT_QUANT = {"int8": (torch.int8, 127.0), "fp8_e4m3": (torch.float8_e4m3fn, 448.0),
+             "fp8_e4m3fnuz": (torch.float8_e4m3fnuz, 240.0)}  # storage dtype, largest value
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How a quantized B ([N, K] layout) is stored and dequantized. Tensors (``turbofx.quant``):
+
+    * q: ``storage`` "int8" -> int8 [N, K]; "uint4" -> uint8 [N, ceil(K/2)], two values per byte
+      along K (k = 2j in the low nibble of byte j, k = 2j + 1 in the high one), values 0..15;
+      "fp8_e4m3" / "fp8_e4m3fnuz" -> that float8 dtype [N, K];
+    * scale: any float dtype; [N] when ``group_size`` is 0 (one scale per output row, applied to
+      the accumulator), else [N, ceil(K / group_size)] (the last group may be partial);
+    * min (iff ``has_min``): like scale.
+
+    w[n, k] = (q[n, k] - zero) * scale[n, k // group_size] (+ min[n, k // group_size]), in fp32.
+    ``act``: the activations are quantized too, per row and dynamically (W8A8 / FP8 dynamic):
+    a_scale[m] = max|A[m, :]| / largest, qa = round-half-away(A / a_scale) clamped (int8) or cast
+    (fp8), and the product qa @ q runs on the integer / fp8 tensor cores, scaled by a_scale[m] and
+    scale[n] (``act`` needs ``group_size`` 0 and ``zero`` 0 and no min)."""
+    storage: str
+    group_size: int = 0
+    zero: int = 0
+    has_min: bool = False
+    act: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.storage not in WEIGHT_STORAGE:
+            raise GemmInputError(f"WeightQuant.storage must be one of {sorted(WEIGHT_STORAGE)}, not {self.storage!r}")
+        for name in ("group_size", "zero"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise GemmInputError(f"WeightQuant.{name} must be a whole number >= 0, not {v!r}")
+        if self.act is not None:
+            if self.act not in ACT_QUANT:
+                raise GemmInputError(f"WeightQuant.act must be None or one of {sorted(ACT_QUANT)}, not {self.act!r}")
+            if self.group_size or self.zero or self.has_min:
+                raise GemmInputError("WeightQuant.act (dynamic activation quantization) needs per-row weight scales "
+                                     "(group_size=0), zero=0 and no min: the product runs on quantized values")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The storage dtype of q."""
+        return WEIGHT_STORAGE[self.storage]
+
+    def q_shape(self, n: int, k: int) -> tuple[int, int]:
+        return (n, (k + 1) // 2) if self.storage == "uint4" else (n, k)
+
+    def scale_shape(self, n: int, k: int) -> tuple[int, ...]:
+        return (n,) if self.group_size == 0 else (n, -(-k // self.group_size))
+
+
 @dataclass(frozen=True)
 class GemmSpec:
     dtype: torch.dtype  # the matmul's dtype: both operands are rounded to it as they are loaded
