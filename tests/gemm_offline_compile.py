@@ -56,10 +56,39 @@ def _cases(g, target):
         ("gemv fp16 few norm+residual+bias", S(fp16, norm=g.RmsNorm(1e-6, out_dtype=fp16, weight_offset=1.0),
                                                residual=True, has_bias=True, bias_in_matmul=True,
                                                eager_rounding=True), g.GEMV, 16, 4096, 4096),
+    ] + _quant_cases(g, target)
+
+
+def _quant_cases(g, target):
+    """Quantized weights (turbofx.quant's formats) in both regimes; FP8 where the target has it."""
+    import torch
+
+    bf16 = torch.bfloat16
+    W = g.WeightQuant
+
+    def q(fmt, **fields):
+        return g.GemmSpec(bf16, b_dtype=fmt.dtype, weight=fmt, eager_rounding=True, **fields)
+
+    int4, q4_1, int8, w8a8 = W("uint4", 128, has_min=True), W("uint4", 32, has_min=True), W("int8"), W("int8", act="int8")
+    llama = g.RmsNorm(1e-6, mid_dtype=bf16, out_dtype=bf16)
+    cases = [
+        ("gemv bf16 decode int4-g128 norm+swiglu", q(int4, norm=llama, swiglu=True, activation="silu"), g.GEMV, 1,
+         14336, 4096),
+        ("gemv bf16 decode q4_1 residual", q(q4_1, residual=True), g.GEMV, 1, 4096, 4096),
+        ("tiled bf16 int4-g128 prefill", q(int4), g.GEMM, 512, 4096, 4096),
+        ("gemv bf16 decode int8", q(int8), g.GEMV, 1, 4096, 4096),
+        ("tiled bf16 int8 swiglu", q(int8, swiglu=True, activation="silu"), g.GEMM, 512, 14336, 4096),
+        ("gemv bf16 decode w8a8", q(w8a8), g.GEMV, 1, 4096, 4096),
+        ("tiled bf16 w8a8 residual", q(w8a8, residual=True), g.GEMM, 512, 4096, 4096),
     ]
+    fp8 = "fp8_e4m3fnuz" if target.arch == "gfx942" else "fp8_e4m3"
+    if g.quant_refusal(W(fp8), target) is None:
+        cases += [("gemv bf16 decode fp8", q(W(fp8)), g.GEMV, 1, 4096, 4096),
+                  ("tiled bf16 fp8-dynamic", q(W(fp8, act=fp8)), g.GEMM, 512, 4096, 4096)]
+    return cases
 
 
-POINTERS = ("A", "B", "O", "P", "BIAS", "RES", "RS", "NW")
+POINTERS = ("A", "B", "O", "P", "BIAS", "RES", "RS", "NW", "QS", "QM")
 
 
 def _launch_ints(spec, cfg, m: int, n_out: int, k: int, splits: int) -> dict[str, int]:
@@ -67,15 +96,27 @@ def _launch_ints(spec, cfg, m: int, n_out: int, k: int, splits: int) -> dict[str
     n = 2 * n_out if spec.swiglu else n_out
     k_chunk = -(-(-(-k // cfg.BLOCK_K)) // splits) * cfg.BLOCK_K
     sbn, sbk = (k, 1) if spec.b_layout == "nk" else (1, n)
+    if spec.weight is not None:  # q's row: its storage's length
+        sbn = spec.weight.q_shape(n, k)[1]
     return dict(M=m, N_OUT=n_out, K=k, k_chunk=k_chunk, n_splits=splits, GROUPS_M=-(-m // cfg.BLOCK_M),
                 sab=0, sam=k, sak=1, sbb=0, sbn=sbn, sbk=sbk, sob=0, som=n_out, son=1,
-                srb=0, srm=n_out if spec.residual else 0, srn=1 if spec.residual else 0, srsb=0)
+                srb=0, srm=n_out if spec.residual else 0, srn=1 if spec.residual else 0, srsb=0,
+                sqn=_groups(spec, k), sqk=1 if spec.weight is not None and spec.weight.group_size else 0)
+
+
+def _groups(spec, k: int) -> int:
+    """b_scale's row stride: its groups per row (1 for one scale per row; 0 when unquantized)."""
+    if spec.weight is None:
+        return 0
+    g = spec.weight.group_size
+    return -(-k // g) if g else 1
 
 
 def _tl(t) -> str:
     import torch
 
-    return {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[t]
+    return {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int8: "*i8",
+            torch.uint8: "*u8", torch.float8_e4m3fn: "*fp8e4nv", torch.float8_e4m3fnuz: "*fp8e4b8"}[t]
 
 
 def main(arch: str) -> list[dict]:
@@ -121,7 +162,8 @@ def main(arch: str) -> list[dict]:
             ones = {n: 1 for n in fn.arg_names if values.get(n) == 1}
             constexprs = {**flags, **ones}
             pointers = {"A": _tl(spec.a_type), "B": _tl(spec.b_type), "O": _tl(spec.out_type), "P": "*fp32",
-                        "BIAS": _tl(spec.dtype), "RES": _tl(spec.out_type), "RS": "*fp32", "NW": _tl(spec.a_type)}
+                        "BIAS": _tl(spec.dtype), "RES": _tl(spec.out_type), "RS": "*fp32", "NW": _tl(spec.a_type),
+                        "QS": "*fp32", "QM": "*fp32"}
             sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
             aligned = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
                        if n not in constexprs and (n in POINTERS or values[n] % 16 == 0)}

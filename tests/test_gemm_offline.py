@@ -1,5 +1,5 @@
 """The GEMM family's kernels compile for real GPU architectures without a GPU: both regimes and a
-few epilogues, the RMSNorm prologue, with the configs the family's table picks for each arch; no register spills to
+few epilogues, the RMSNorm prologue, quantized weights (int4, Q4_1, int8, W8A8; FP8 on sm90+ / gfx942), with the configs the family's table picks for each arch; no register spills to
 memory and shared memory within the arch's limit. sm90 (the lent GPUs) runs by default; sm80,
 sm100 and gfx942 take about a minute each and are marked slow."""
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-CASES = 12  # kernels gemm_offline_compile.py compiles per arch
+CASES = 12 + 7  # kernels gemm_offline_compile.py compiles per arch: plain, quantized (+ 2 FP8 where the arch has it)
+FP8_ARCHS = ("90", "100", "gfx942")
 
 
 def _compile(arch: str, tmp_path) -> list[dict]:
@@ -26,8 +27,8 @@ def _compile(arch: str, tmp_path) -> list[dict]:
     return [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("compiled ")]
 
 
-def _check(rows: list[dict], cuda: bool = True) -> None:
-    assert len(rows) == CASES, rows
+def _check(rows: list[dict], arch: str, cuda: bool = True) -> None:
+    assert len(rows) == CASES + 2 * (arch in FP8_ARCHS), rows
     assert {r["kernel"] for r in rows} == {"tfx_gemm", "tfx_gemv", "tfx_gemm_reduce"}
     for r in rows:
         assert r["spilled"] == 0, r
@@ -41,7 +42,7 @@ def _check(rows: list[dict], cuda: bool = True) -> None:
 @pytest.mark.parametrize("arch", ["90", pytest.param("80", marks=pytest.mark.slow),
                                   pytest.param("100", marks=pytest.mark.slow)])
 def test_gemm_kernels_compile_for_cuda(arch, tmp_path):
-    _check(_compile(arch, tmp_path))
+    _check(_compile(arch, tmp_path), arch)
 
 
 def _has_amd_backend() -> bool:
@@ -54,4 +55,4 @@ def _has_amd_backend() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_amd_backend(), reason="no AMD backend in this Triton")
 def test_gemm_kernels_compile_for_gfx942(tmp_path):
-    _check(_compile("gfx942", tmp_path), cuda=False)
+    _check(_compile("gfx942", tmp_path), "gfx942", cuda=False)

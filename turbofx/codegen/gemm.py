@@ -122,6 +122,9 @@ class WeightQuant:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise GemmInputError(f"WeightQuant.{name} must be a whole number >= 0, not {v!r}")
+        if self.has_min and not self.group_size:
+            raise GemmInputError("WeightQuant(has_min=True) needs group_size > 0 (per-row scales are applied to the "
+                                 "accumulator, where a per-row offset does not factor out)")
         if self.act is not None:
             if self.act not in ACT_QUANT:
                 raise GemmInputError(f"WeightQuant.act must be None or one of {sorted(ACT_QUANT)}, not {self.act!r}")
@@ -163,6 +166,10 @@ class GemmSpec:
     # the bias belongs to the matmul op (addmm / linear): eager rounds matmul + bias once, so the
     # eager rounding skips the point between them (False: a separate add, rounded after each)
     bias_in_matmul: bool = False
+    # B is stored quantized ([N, K] rows, b_dtype its storage dtype): dequantized in the prologue
+    # (in registers), per-row scales applied to the accumulator; with ``weight.act`` A is quantized
+    # per row too and the product runs on int8 / fp8 values
+    weight: WeightQuant | None = None
 
     def __post_init__(self) -> None:
         for name in ("dtype", "a_dtype", "b_dtype", "out_dtype"):
@@ -181,6 +188,21 @@ class GemmSpec:
         if self.norm is not None and self.row_scale:
             raise GemmInputError("GemmSpec: norm and row_scale are two ways to fuse one RMSNorm; use norm=RmsNorm(...) "
                                  "(the prologue normalises A) or row_scale=True with fold_rmsnorm_weight, not both")
+        if self.weight is not None:
+            w = self.weight
+            if not isinstance(w, WeightQuant):
+                raise GemmInputError(f"GemmSpec.weight must be a WeightQuant or None, not {w!r}")
+            if self.b_layout != "nk" or self.batched:
+                raise GemmInputError("GemmSpec.weight: a quantized B is one [N, K] weight (b_layout='nk', not batched)")
+            if self.b_type != w.dtype:
+                raise GemmInputError(f"GemmSpec.weight stores B as {w.dtype}: set b_dtype={w.dtype} (now {self.b_type})")
+            if w.act is not None and (self.norm is not None or self.row_scale):
+                raise GemmInputError("GemmSpec: dynamic activation quantization (weight.act) quantizes A's rows as "
+                                     "loaded; an RMSNorm prologue or row_scale on the same A is not supported: "
+                                     "run the norm as its own kernel")
+        elif self.b_dtype is not None and self.b_dtype not in FLOATS and self.b_dtype != torch.float64:
+            raise GemmInputError(f"GemmSpec.b_dtype {self.b_dtype} is a quantized storage type: describe it with "
+                                 "weight=WeightQuant(...)")
         if self.bias_in_matmul and self.row_scale and self.has_bias:
             raise GemmInputError("GemmSpec: bias_in_matmul (addmm's bias) with row_scale would scale the bias too; "
                                  "use norm=RmsNorm(...) instead of row_scale")
@@ -222,6 +244,32 @@ class CastOperand:
 
 
 @dataclass(frozen=True)
+class DequantB:
+    """B's tile loaded from its quantized storage and dequantized in registers (WeightQuant's
+    formula in fp32, then rounded to ``dtype``); with per-row scales (group_size 0) the scale waits
+    for the accumulator (``ScaleAcc``) and q itself is the operand; with ``act`` q stays int8 / fp8."""
+    fmt: WeightQuant
+    dtype: torch.dtype
+    operand = "b"
+
+
+@dataclass(frozen=True)
+class QuantizeRows:
+    """A's rows quantized as loaded (dynamic, per row): the row pre-pass finds max|A[m, :]|, each
+    tile is divided by its row's scale, rounded half away from zero and clamped (int8) or cast (fp8)."""
+    act: str
+    operand = "a"
+
+
+@dataclass(frozen=True)
+class ScaleAcc:
+    """The dequantization scales that factor out of the K sum, applied to the accumulator right
+    after the K loop (before a split-K partial is stored): weight rows' scales and A rows' scales."""
+    column_scale: bool
+    row_scale: bool
+
+
+@dataclass(frozen=True)
 class RowScale:
     pass
 
@@ -257,7 +305,7 @@ class Store:
     dtype: torch.dtype
 
 
-PrologueOp = Union[NormRows, CastOperand]
+PrologueOp = Union[NormRows, QuantizeRows, CastOperand, DequantB]
 EpilogueOp = Union[RowScale, AddBias, Activation, GatedActivation, AddResidual, Round, Store]
 
 
@@ -268,11 +316,23 @@ def prologue_ops(spec: GemmSpec) -> tuple[PrologueOp, ...]:
     if spec.norm is not None:
         n = spec.norm
         ops += [NormRows(float(n.eps), n.mid_dtype, n.out_dtype, float(n.weight_offset)), CastOperand("a", spec.dtype)]
+    elif spec.weight is not None and spec.weight.act is not None:
+        ops.append(QuantizeRows(spec.weight.act))
     elif spec.a_type != spec.dtype:
         ops.append(CastOperand("a", spec.dtype))
-    if spec.b_type != spec.dtype:
+    if spec.weight is not None:
+        ops.append(DequantB(spec.weight, spec.dtype))
+    elif spec.b_type != spec.dtype:
         ops.append(CastOperand("b", spec.dtype))
     return tuple(ops)
+
+
+def scale_acc_op(spec: GemmSpec) -> ScaleAcc | None:
+    """What the accumulator is scaled by after the K loop (None: nothing)."""
+    w = spec.weight
+    if w is None or w.group_size:
+        return None
+    return ScaleAcc(column_scale=True, row_scale=w.act is not None)
 
 
 def epilogue_ops(spec: GemmSpec) -> tuple[EpilogueOp, ...]:
@@ -336,7 +396,8 @@ def _unit_stride(shape, stride) -> bool:
 def gemm_refusal(spec: GemmSpec, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> Refusal | None:
     """Why the family does not generate this matmul (None: it does). Lowering keeps refused
     matmuls extern."""
-    for what, t in (("matmul", spec.dtype), ("A", spec.a_type), ("B", spec.b_type), ("output", spec.out_type)):
+    operands = (("matmul", spec.dtype), ("A", spec.a_type), ("output", spec.out_type))
+    for what, t in operands + ((("B", spec.b_type),) if spec.weight is None else ()):
         if t not in FLOATS:
             return Refusal("dtype", f"{what} dtype {t} (the template does fp16, bf16 and fp32; integer, fp64 and "
                                     "fp8 matmuls stay extern)")
@@ -370,6 +431,8 @@ def _tile_dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     # a [BM, BK] @ b [BK, BN] in fp32. The interpreter computes bf16 dots wrongly: fp32 there.
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif a.dtype == tl.int8:  # W8A8: int8 tensor cores, exact int32 sums per tile
+        return tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
     elif IEEE:
         return tl.dot(a, b, input_precision="ieee")
     else:
@@ -377,8 +440,8 @@ def _tile_dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def tfx_gemm(A, B, O, BIAS, RES, RS, NW, M, N_OUT, K, sab, sam, sak, sbb, sbn, sbk, sob, som, son,
-             srb, srm, srn, srsb, GROUPS_M,
+def tfx_gemm(A, B, O, BIAS, RES, RS, NW, QS, QM, M, N_OUT, K, sab, sam, sak, sbb, sbn, sbk, sob, som, son,
+             srb, srm, srn, srsb, sqn, sqk, GROUPS_M,
              SWIGLU: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, GROUP_M: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Tiled GEMM: one program per [BLOCK_M, BLOCK_N] output tile, tiles in grouped order: GROUP_M
@@ -401,20 +464,25 @@ def tfx_gemm(A, B, O, BIAS, RES, RS, NW, M, N_OUT, K, sab, sam, sak, sbb, sbn, s
     offs_k = tl.arange(0, BLOCK_K)
     a_rows = A + bid * sab + (offs_m % M)[:, None] * sam
     a_ptrs = a_rows + offs_k[None, :] * sak
-    b_ptrs = B + bid * sbb + (offs_n % N_OUT)[None, :] * sbn + offs_k[:, None] * sbk
+    cols = offs_n % N_OUT
+    b_ptrs = B + bid * sbb + cols[None, :] * sbn + offs_k[:, None] * sbk
     rows = _prologue_a_rows(a_rows, m_ok, K, sak, BLOCK_M, BLOCK_K)  # a row norm's pre-pass over K
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         a = _prologue_a(tl.load(a_ptrs, mask=k_ok[None, :], other=0.0), rows, NW + k0 + offs_k, k_ok)
-        b = _prologue_b(tl.load(b_ptrs, mask=k_ok[:, None], other=0.0))
+        b = _load_b_kn(b_ptrs, B + bid * sbb, QS, QM, cols, k0, k0 + offs_k, k_ok, K, sbn, sbk, sqn, sqk, BLOCK_K)
         acc += _tile_dot(a, b, UPCAST, IEEE)
         if SWIGLU:  # the up half of B: columns N_OUT.. of the same rows
-            b = _prologue_b(tl.load(b_ptrs + N_OUT * sbn, mask=k_ok[:, None], other=0.0))
+            b = _load_b_kn(b_ptrs + N_OUT * sbn, B + bid * sbb, QS, QM, cols + N_OUT, k0, k0 + offs_k, k_ok, K, sbn,
+                           sbk, sqn, sqk, BLOCK_K)
             acc_up += _tile_dot(a, b, UPCAST, IEEE)
         a_ptrs += BLOCK_K * sak
         b_ptrs += BLOCK_K * sbk
+    acc = _scale_acc(acc, rows, cols, n_ok, QS, sqn)
+    if SWIGLU:
+        acc_up = _scale_acc(acc_up, rows, cols + N_OUT, n_ok, QS, sqn)
     _epilogue(acc, acc_up, offs_m, offs_n, m_ok, n_ok, O + bid * sob, BIAS, RES + bid * srb, RS + bid * srsb,
               N_OUT, som, son, srm, srn)
 
@@ -429,8 +497,8 @@ def _gemv_step(a, w, DOT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr
 
 
 @triton.jit
-def tfx_gemv(A, B, O, P, BIAS, RES, RS, NW, M, N_OUT, K, k_chunk, n_splits, sab, sam, sak, sbb, sbn, sbk,
-             sob, som, son, srb, srm, srn, srsb,
+def tfx_gemv(A, B, O, P, BIAS, RES, RS, NW, QS, QM, M, N_OUT, K, k_chunk, n_splits, sab, sam, sak, sbb, sbn, sbk,
+             sob, som, son, srb, srm, srn, srsb, sqn, sqk,
              SWIGLU: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Few rows (decode): a program owns BLOCK_N outputs of every row (M <= BLOCK_M) over one chunk
@@ -457,12 +525,16 @@ def tfx_gemv(A, B, O, P, BIAS, RES, RS, NW, M, N_OUT, K, k_chunk, n_splits, sab,
         k_ok = offs_k < k_hi
         a = _prologue_a(tl.load(a_rows + offs_k[None, :] * sak, mask=m_ok[:, None] & k_ok[None, :], other=0.0),
                         rows, NW + offs_k, k_ok)
-        w = _prologue_b(tl.load(w_rows + offs_k[None, :] * sbk, mask=n_ok[:, None] & k_ok[None, :], other=0.0))
+        w = _load_b_nk(w_rows + offs_k[None, :] * sbk, B + bid * sbb, QS, QM, offs_n, k0, offs_k, n_ok, k_ok, k_hi,
+                       sbn, sbk, sqn, sqk, BLOCK_K)
         acc += _gemv_step(a, w, DOT, UPCAST, IEEE)
         if SWIGLU:
-            w = _prologue_b(tl.load(w_rows + N_OUT * sbn + offs_k[None, :] * sbk, mask=n_ok[:, None] & k_ok[None, :],
-                                    other=0.0))
+            w = _load_b_nk(w_rows + N_OUT * sbn + offs_k[None, :] * sbk, B + bid * sbb, QS, QM, offs_n + N_OUT, k0,
+                           offs_k, n_ok, k_ok, k_hi, sbn, sbk, sqn, sqk, BLOCK_K)
             acc_up += _gemv_step(a, w, DOT, UPCAST, IEEE)
+    acc = _scale_acc(acc, rows, offs_n, n_ok, QS, sqn)
+    if SWIGLU:
+        acc_up = _scale_acc(acc_up, rows, offs_n + N_OUT, n_ok, QS, sqn)
     if SPLIT:  # partials laid out [batch, split, M, N_OUT * (2 if SWIGLU)]
         width = N_OUT * 2 if SWIGLU else N_OUT
         part = P + ((bid * n_splits + split) * M + offs_m[:, None]) * width + offs_n[None, :]
@@ -521,10 +593,28 @@ def _rne_bf16(x):
 """
 
 
+# Triton's interpreter (3.9) also rounds fp32 -> fp8 wrongly where the mantissa carries into the
+# exponent (127.6 -> 64, not 128): the source rounds to the fp8 grid first (nearest even: 3 mantissa
+# bits for normals; a fixed step for subnormals, by adding and removing a power of two), so the
+# cast itself is exact.
+RNE_FP8 = """
+@triton.jit
+def _rne_fp8(x, MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl.constexpr):
+    bits = x.to(tl.uint32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(x) < MIN_NORMAL, (x + SUB_MAGIC) - SUB_MAGIC, normal)
+"""
+# storage dtype -> (smallest normal, 2^23 x the subnormal step)
+FP8_GRID = {torch.float8_e4m3fn: (2.0 ** -6, 2.0 ** 14), torch.float8_e4m3fnuz: (2.0 ** -7, 2.0 ** 13)}
+
+
 def _cast(x: str, dtype: torch.dtype, interpret: bool) -> str:
     """x (any float) cast to dtype, rounded to nearest even."""
     if dtype == torch.bfloat16 and interpret:
         return f"_rne_bf16(({x}).to(tl.float32))"
+    if dtype in FP8_GRID and interpret:
+        lo, magic = FP8_GRID[dtype]
+        return f"_rne_fp8(({x}).to(tl.float32), {lo!r}, {magic!r}).to({TL_DTYPE[dtype]})"
     return f"{x}.to({TL_DTYPE[dtype]})"
 
 
@@ -541,6 +631,18 @@ def _emit_row_prepass(ops: tuple[PrologueOp, ...]) -> list[str]:
     pointers. Without a row op it returns a dummy the kernel never reads (compiled out)."""
     lines = ["def _prologue_a_rows(a_rows, row_ok, K, sak, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):"]
     norms = [op for op in ops if isinstance(op, NormRows)]
+    quant = [op for op in ops if isinstance(op, QuantizeRows)]
+    if quant:  # the row's scale: max |x| / the storage's largest value (an all-zero row: 1)
+        largest = ACT_QUANT[quant[0].act][1]
+        return lines + ["    offs_k = tl.arange(0, BLOCK_K)",
+                        "    amax = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)",
+                        "    for k0 in range(0, K, BLOCK_K):",
+                        "        k_ok = offs_k < K - k0",
+                        "        x = tl.load(a_rows + (k0 + offs_k)[None, :] * sak, mask=row_ok[:, None] & k_ok[None, :],",
+                        "                    other=0.0).to(tl.float32)",
+                        "        amax = tl.maximum(amax, tl.abs(x))",
+                        "    amax = tl.max(amax, 1)",
+                        f"    return tl.where(amax > 0.0, amax / {largest!r}, 1.0)"]
     if not norms:
         return lines + ["    return tl.zeros([BLOCK_M], tl.float32)"]
     assert len(norms) == 1, norms
@@ -574,12 +676,116 @@ def _emit_prologue(ops: tuple[PrologueOp, ...], operand: str, interpret: bool) -
                       *([f"    x = {_round('x', op.mid_dtype, interpret)}"] if op.mid_dtype else []),
                       f"    x = {g}[None, :] * x",
                       *([f"    x = {_round('x', op.out_dtype, interpret)}"] if op.out_dtype else [])]
+        elif isinstance(op, QuantizeRows):
+            lines.append("    x = x.to(tl.float32) / rows[:, None]")
+            if op.act == "int8":  # round half away from zero, as the reference (turbofx.quant) does
+                lines += ["    x = tl.where(x >= 0.0, tl.floor(x + 0.5), tl.ceil(x - 0.5))",
+                          "    x = tl.minimum(tl.maximum(x, -127.0), 127.0).to(tl.int8)"]
+            else:
+                lines.append(f"    x = {_cast('x', ACT_QUANT[op.act][0], interpret)}")
         elif isinstance(op, CastOperand):
             lines.append(f"    x = {_cast('x', op.dtype, interpret)}")
+        elif isinstance(op, DequantB):
+            continue  # in _load_b_*: it needs the tile's indices, not just its values
         else:
             raise AssertionError(f"turbofx bug: prologue op {op!r} has no emitter (please report it)")
     lines.append("    return x")
     return lines
+
+
+def _emit_load_b(ops: tuple[PrologueOp, ...], layout: str, interpret: bool) -> list[str]:
+    """``_load_b_nk`` ([BN, BK] tiles: the GEMV's weight rows) or ``_load_b_kn`` ([BK, BN]: the tiled
+    kernel's): B's tile as the matmul's operand. Unquantized: the load at ``ptrs`` and the operand
+    prologue. Quantized (``DequantB``): q is addressed by indices (uint4: byte k // 2, nibble k % 2;
+    bytes shared by two lanes are read from cache), dequantized in fp32 by WeightQuant's formula
+    and rounded to the matmul dtype; with per-row scales q - zero is the operand (``_scale_acc``
+    scales the accumulator) and with ``act`` q itself. uint4: the tile's BLOCK_K / 2 bytes are loaded
+    (contiguous, so vectorised) and split into nibbles joined back in K order (``tl.join`` puts
+    each byte's low and high nibble side by side: k = 2j, 2j + 1). k0: the tile's first k (even);
+    k_end: where K (this program's chunk of it) ends."""
+    sig = "n_idx, k0, k_idx, n_ok, k_ok" if layout == "nk" else "n_idx, k0, k_idx, k_ok"
+    head = f"def _load_b_{layout}(ptrs, Bq, QS, QM, {sig}, k_end, sbn, sbk, sqn, sqk, BLOCK_K: tl.constexpr):"
+    if layout == "nk":
+        n_, k_, mask = "n_idx[:, None]", "k_idx[None, :]", "n_ok[:, None] & k_ok[None, :]"
+    else:
+        n_, k_, mask = "n_idx[None, :]", "k_idx[:, None]", "k_ok[:, None]"
+    deq = next((op for op in ops if isinstance(op, DequantB)), None)
+    if deq is None:
+        return [head, f"    return _prologue_b(tl.load(ptrs, mask={mask}, other=0.0))"]
+    f = deq.fmt
+    other = "0.0" if f.storage.startswith("fp8") else "0"
+    lines = [head, f"    mask = {mask}"]
+    if f.storage == "uint4":
+        kb = "kb[None, :]" if layout == "nk" else "kb[:, None]"
+        b_mask = "n_ok[:, None] & kb_ok[None, :]" if layout == "nk" else "kb_ok[:, None]"
+        lines += ["    tl.static_assert(BLOCK_K % 2 == 0, 'packed int4 tiles hold whole bytes')",
+                  "    kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
+                  "    kb_ok = kb < (k_end + 1) // 2",
+                  f"    q = tl.load(Bq + {n_} * sbn + {kb} * sbk, mask={b_mask}, other=0)",
+                  "    lo = (q & 15).to(tl.float32)",
+                  "    hi = (q >> 4).to(tl.float32)"]
+        if layout == "nk":  # [BN, BK/2, 2] -> [BN, BK]
+            lines.append("    x = tl.reshape(tl.join(lo, hi), (lo.shape[0], BLOCK_K))")
+        else:  # [BK/2, BN, 2] -> [BK/2, 2, BN] -> [BK, BN]
+            lines.append("    x = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, lo.shape[1]))")
+    else:
+        lines.append(f"    q = tl.load(Bq + {n_} * sbn + {k_} * sbk, mask=mask, other={other})")
+        if f.act is not None:
+            return lines + ["    return q"]
+        lines.append("    x = q.to(tl.float32)")
+    if f.zero:
+        lines.append(f"    x = x - {float(f.zero)!r}")
+    if f.group_size:
+        lines += _emit_group_scales(f, layout)
+    return lines + [f"    return {_cast('x', deq.dtype, interpret)}"]
+
+
+def _emit_group_scales(f: WeightQuant, layout: str) -> list[str]:
+    """x (the tile, fp32) times its groups' scales, plus their mins. Tiles start on a multiple of
+    BLOCK_K, so when BLOCK_K and the group size divide one another (powers of two: every config)
+    a tile holds whole groups or lies inside one: one scale per (row, group) is loaded and
+    broadcast. Otherwise every element gathers its own (cached) scale."""
+    g = f.group_size
+    nk = layout == "nk"
+    n_ = "n_idx[:, None]" if nk else "n_idx[None, :]"
+    n_ok = "n_ok[:, None]" if nk else "True"
+    # whole groups: [BN, BK/G] ([BK/G, BN]) scales against x viewed [BN, BK/G, G] ([BK/G, G, BN])
+    kg = "kg[None, :]" if nk else "kg[:, None]"
+    view, bcast, back = (("(x.shape[0], BLOCK_K // G, G)", "[:, :, None]", "(x.shape[0], BLOCK_K)") if nk else
+                         ("(BLOCK_K // G, G, x.shape[1])", "[:, None, :]", "(BLOCK_K, x.shape[2])"))
+    one = "[:, None]" if nk else "[None, :]"
+    lines = [f"    G: tl.constexpr = {g}",
+             "    if BLOCK_K % G == 0:",
+             "        kg = k0 // G + tl.arange(0, BLOCK_K // G)",
+             f"        g_ok = {n_ok} & ({kg} * G < k_end)",
+             f"        at = {n_} * sqn + {kg} * sqk",
+             f"        x = tl.reshape(x, {view}) * tl.load(QS + at, mask=g_ok, other=0.0).to(tl.float32){bcast}"]
+    if f.has_min:
+        lines.append(f"        x = x + tl.load(QM + at, mask=g_ok, other=0.0).to(tl.float32){bcast}")
+    lines += [f"        x = tl.reshape(x, {back})",
+              "    elif G % BLOCK_K == 0:",
+              "        at = n_idx * sqn + (k0 // G) * sqk",
+              f"        x = x * tl.load(QS + at, mask={'n_ok' if nk else 'n_idx >= 0'}, other=0.0).to(tl.float32){one}"]
+    if f.has_min:
+        lines.append(f"        x = x + tl.load(QM + at, mask={'n_ok' if nk else 'n_idx >= 0'}, other=0.0).to(tl.float32){one}")
+    k_ = "k_idx[None, :]" if nk else "k_idx[:, None]"
+    lines += ["    else:",
+              f"        at = {n_} * sqn + ({k_} // G) * sqk",
+              "        x = x * tl.load(QS + at, mask=mask, other=0.0).to(tl.float32)"]
+    if f.has_min:
+        lines.append("        x = x + tl.load(QM + at, mask=mask, other=0.0).to(tl.float32)")
+    return lines
+
+
+def _emit_scale_acc(op: ScaleAcc | None) -> list[str]:
+    """``_scale_acc(acc, rows, n_idx, n_ok, QS, sqn)``: the accumulator [BM, BN] times the weight
+    rows' scales (per output column n) and A's row scales (``rows``: the row pre-pass's result)."""
+    lines = ["def _scale_acc(acc, rows, n_idx, n_ok, QS, sqn):"]
+    if op is not None and op.column_scale:
+        lines.append("    acc = acc * tl.load(QS + n_idx * sqn, mask=n_ok, other=0.0).to(tl.float32)[None, :]")
+    if op is not None and op.row_scale:
+        lines.append("    acc = acc * rows[:, None]")
+    return lines + ["    return acc"]
 
 
 def _emit_epilogue(ops: tuple[EpilogueOp, ...], swiglu: bool, interpret: bool) -> list[str]:
@@ -621,10 +827,14 @@ def render(spec: GemmSpec, interpret: bool = False) -> str:
     constexpr arguments, so one source serves every GPU). ``interpret``: the CPU interpreter's
     source, which spells out bf16 rounding (``RNE_BF16``)."""
     pro = prologue_ops(spec)
-    parts = ["import triton", "import triton.language as tl", RNE_BF16 if interpret else "", "",
+    parts = ["import triton", "import triton.language as tl", RNE_BF16 if interpret else "",
+             RNE_FP8 if interpret else "", "",
              "@triton.jit", *_emit_row_prepass(pro), "", "",
              "@triton.jit", *_emit_prologue(pro, "a", interpret), "", "",
              "@triton.jit", *_emit_prologue(pro, "b", interpret), "", "",
+             "@triton.jit", *_emit_load_b(pro, "nk", interpret), "", "",
+             "@triton.jit", *_emit_load_b(pro, "kn", interpret), "", "",
+             "@triton.jit", *_emit_scale_acc(scale_acc_op(spec)), "", "",
              "@triton.jit", *_emit_epilogue(epilogue_ops(spec), spec.swiglu, interpret)]
     return "\n".join(parts) + TEMPLATE
 
@@ -815,7 +1025,12 @@ M_BUCKETS = {"decode": 1, "few": GEMV_MAX_M, "mid": 128, "large": 1024}
 
 def label(spec: GemmSpec) -> str:
     """What one GEMM computes, for reports: matmul and its fused work."""
-    parts = ["matmul"]
+    w = spec.weight
+    if w is None:
+        parts = ["matmul"]
+    else:
+        parts = [f"matmul[{w.storage}{f'-g{w.group_size}' if w.group_size else ''}"
+                 f"{f' x {w.act} rows' if w.act else ''}]"]
     if spec.norm is not None:
         parts.insert(0, "rmsnorm")
     if spec.has_bias:
@@ -862,7 +1077,7 @@ class _Shapes:
 
 
 def _check_operands(where: str, a, b, spec: GemmSpec, bias, residual, row_scale, norm_weight,
-                    floats: tuple[torch.dtype, ...] = FLOATS) -> _Shapes:
+                    floats: tuple[torch.dtype, ...] = FLOATS, b_scale=None, b_min=None) -> _Shapes:
     """What ``gemm`` and ``gemm_reference`` both require of their tensors: dims, dtypes, one device,
     matching K, and each optional operand given iff the spec has it, with its shape."""
     if not isinstance(spec, GemmSpec):
@@ -878,6 +1093,23 @@ def _check_operands(where: str, a, b, spec: GemmSpec, bias, residual, row_scale,
         raise GemmInputError(f"{where}: A has batch {batch} but B has {b.shape[0]}")
     m, k = a.shape[-2:]
     n, kb = _n_of(spec, b), _k_of(spec, b)
+    w = spec.weight
+    if w is not None:  # B is q: its shape follows the storage; K is A's
+        if tuple(b.shape) != w.q_shape(n, k):
+            raise GemmInputError(f"{where}: quantized B ({w.storage}) for K={k} must have shape {w.q_shape(n, k)}, "
+                                 f"got {tuple(b.shape)}")
+        kb = k
+        for name, t, flag in (("b_scale", b_scale, True), ("b_min", b_min, w.has_min)):
+            if flag != (t is not None):
+                raise GemmInputError(f"{where}: the spec's WeightQuant {'needs' if flag else 'has no'} {name} but it "
+                                     f"was {'not given' if flag else 'given'}")
+            if t is not None:
+                _check_tensor(where, name, t, len(w.scale_shape(n, k)), None, device, floats)
+                if tuple(t.shape) != w.scale_shape(n, k):
+                    raise GemmInputError(f"{where}: {name} has shape {tuple(t.shape)}, expected {w.scale_shape(n, k)}")
+    elif b_scale is not None or b_min is not None:
+        raise GemmInputError(f"{where}: b_scale / b_min were given but the spec's B is not quantized "
+                             "(set GemmSpec(weight=WeightQuant(...)))")
     if kb != k:
         layout = "[N, K]" if spec.b_layout == "nk" else "[K, N]"
         raise GemmInputError(f"{where}: A {tuple(a.shape)} has K={k} but B {tuple(b.shape)} (layout {layout}) "
@@ -902,17 +1134,23 @@ def _check_operands(where: str, a, b, spec: GemmSpec, bias, residual, row_scale,
 def gemm(a: torch.Tensor, b: torch.Tensor, spec: GemmSpec, bias: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, row_scale: torch.Tensor | None = None, out: torch.Tensor | None = None,
          target: Target | None = None, config: GemmConfig | None = None, *,
-         norm_weight: torch.Tensor | None = None, kernels: tuple | None = None) -> torch.Tensor:
+         norm_weight: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
+         b_min: torch.Tensor | None = None, kernels: tuple | None = None) -> torch.Tensor:
     """out = epilogue(prologue(A) @ prologue(B)) as ``spec`` says (``gemm_reference`` in torch).
 
     A: [M, K] ([Bt, M, K] batched). B: [N, K] (``b_layout="nk"``) or [K, N] ("kn"), batched with a
     leading Bt. bias: [N] (SwiGLU: [2·N_out], gate's then up's). residual and out: [M, N_out]
     (batched [Bt, M, N_out]). row_scale: [M] ([Bt, M]). norm_weight: [K], any float dtype (iff
-    ``spec.norm``). Any strides. ``config`` forces a config.
+    ``spec.norm``). Any strides. ``config`` forces a config. A quantized B (``spec.weight``): B is q,
+    b_scale / b_min its scales / mins (shapes: ``WeightQuant``).
     """
-    shapes = _check_operands("gemm", a, b, spec, bias, residual, row_scale, norm_weight)
+    shapes = _check_operands("gemm", a, b, spec, bias, residual, row_scale, norm_weight, b_scale=b_scale, b_min=b_min)
     device = a.device
     target = target or detect(device)
+    if spec.weight is not None:
+        why = quant_refusal(spec.weight, target)
+        if why is not None:
+            raise GemmInputError(f"gemm: {why.detail}")
     # (a Program passes its own kernels: on an offline target they refuse to run, or record launches)
     if kernels is None and (device.type == "cpu") != target.interpret:
         raise GemmInputError(f"gemm: tensors on {device} cannot run on target {target.describe()}: the CPU runs "
@@ -931,7 +1169,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, spec: GemmSpec, bias: torch.Tensor | 
         # out may be the residual itself (x += linear(...)): each element is read, then written, by
         # the program that owns it. Any other sharing could read what another program wrote.
         same = residual is not None and _same_view(out, residual)
-        if _overlaps(out, a, b, bias, None if same else residual, row_scale, norm_weight):
+        if _overlaps(out, a, b, bias, None if same else residual, row_scale, norm_weight, b_scale, b_min):
             raise GemmInputError("gemm: out shares memory with an input; tiles would read what others wrote. "
                                  "Pass a separate out tensor")
     if out.numel() == 0:
@@ -941,24 +1179,84 @@ def gemm(a: torch.Tensor, b: torch.Tensor, spec: GemmSpec, bias: torch.Tensor | 
         raise GemmInputError(f"gemm: a GEMV config covers at most BLOCK_M={cfg.BLOCK_M} rows; M={m}")
     if norm_weight is not None and norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()  # [K]: the kernels index it with unit stride
-    _launch(a, b, spec, bias, residual, row_scale, norm_weight, out, target, cfg, shapes.batch, m, n_out, k, kernels)
+    _launch(a, b, spec, bias, residual, row_scale, norm_weight, out, target, cfg, shapes.batch, m, n_out, k, kernels,
+            b_scale, b_min)
     return out
+
+
+def quant_refusal(fmt: WeightQuant, target: Target) -> Refusal | None:
+    """Why ``target`` cannot run a quantized B stored as ``fmt`` (None: it can). FP8 needs FP8
+    conversions (and tensor cores for ``act``): NVIDIA sm89 and newer (e4m3), AMD gfx942 (e4m3fnuz,
+    MI300's own variant) and gfx950; the interpreter emulates both."""
+    if not fmt.storage.startswith("fp8") or target.interpret:
+        return None
+    if target.backend == "cuda":
+        cc = int(target.arch[2:]) if target.arch[2:].isdigit() else 0
+        if fmt.storage == "fp8_e4m3" and cc >= 89:
+            return None
+        return Refusal("fp8-target", f"{fmt.storage} weights need an NVIDIA GPU of compute capability 8.9 or newer "
+                                     f"(Ada, Hopper, Blackwell); target {target.describe()} has none: use int8 or "
+                                     "int4 quantization there")
+    if (fmt.storage == "fp8_e4m3fnuz" and target.arch == "gfx942") or (fmt.storage == "fp8_e4m3" and
+                                                                        target.arch == "gfx950"):
+        return None
+    return Refusal("fp8-target", f"{fmt.storage} weights cannot run on {target.describe()}: AMD MI300 (gfx942) "
+                                 "takes fp8_e4m3fnuz, MI350 (gfx950) fp8_e4m3; use int8 or int4 elsewhere")
 
 
 _ACTIVATION_TORCH = {"silu": torch.nn.functional.silu, "relu": torch.relu,
                      "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
 
 
+def dequantize_weight(q: torch.Tensor, fmt: WeightQuant, scale: torch.Tensor, min: torch.Tensor | None, k: int,
+                      dtype: torch.dtype = torch.float32, with_row_scale: bool = True) -> torch.Tensor:
+    """WeightQuant's formula: w [N, K] in ``dtype`` (fp32: the kernels' registers; fp64: exact).
+    ``with_row_scale=False`` leaves per-row scales out (what the kernels multiply by q before
+    scaling the accumulator)."""
+    if fmt.storage == "uint4":
+        q = torch.stack([q & 15, q >> 4], dim=-1).reshape(q.shape[0], -1)[:, :k]
+    x = q.to(dtype)
+    if fmt.zero:
+        x = x - fmt.zero
+    if fmt.group_size:
+        g = fmt.group_size
+        x = x * scale.to(dtype).repeat_interleave(g, dim=1)[:, :k]
+        if min is not None:
+            x = x + min.to(dtype).repeat_interleave(g, dim=1)[:, :k]
+    elif with_row_scale:
+        x = x * scale.to(dtype)[:, None]
+    return x
+
+
+def quantize_rows(x: torch.Tensor, act: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) of the kernels' dynamic per-row activation quantization, computed in ``dtype``
+    as they compute it in fp32: scale = max|x| / largest (1 for an all-zero row), q = x / scale
+    rounded half away from zero and clamped (int8) or cast (fp8); q returned in ``dtype``."""
+    storage, largest = ACT_QUANT[act]
+    xs = x.to(dtype)
+    amax = xs.abs().amax(dim=-1, keepdim=True) if xs.shape[-1] else xs.new_zeros(xs.shape[:-1] + (1,))
+    scale = torch.where(amax > 0, amax / largest, torch.ones_like(amax))
+    y = xs / scale
+    if act == "int8":
+        q = (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp(-127, 127)
+    else:
+        q = y.to(torch.float32).to(storage).to(dtype)
+    return q, scale[..., 0]
+
+
 def gemm_reference(a: torch.Tensor, b: torch.Tensor, spec: GemmSpec, bias: torch.Tensor | None = None,
                    residual: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
-                   norm_weight: torch.Tensor | None = None) -> torch.Tensor:
+                   norm_weight: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
+                   b_min: torch.Tensor | None = None) -> torch.Tensor:
     """What ``gemm`` computes, op by op in torch, as an eager model would: the prologue (the norm in
     fp32 with its rounding points, operands rounded to ``spec.dtype``), ``torch.matmul`` in
     ``spec.dtype``, then ``epilogue_ops(spec)`` in fp32 with their ``Round`` points, stored as
     ``spec.out_type``. Same arguments and shapes as ``gemm`` (any strides, any device, meta too).
-    A float64 spec computes everything in float64 (an exact reference for tests)."""
+    A float64 spec computes everything in float64 (an exact reference for tests). A quantized B is
+    dequantized by ``dequantize_weight`` (in fp32, rounded to ``spec.dtype``, as the kernels do;
+    per-row scales multiply the product), A quantized by ``quantize_rows`` when ``weight.act``."""
     shapes = _check_operands("gemm_reference", a, b, spec, bias, residual, row_scale, norm_weight,
-                             FLOATS + (torch.float64,))
+                             FLOATS + (torch.float64,), b_scale=b_scale, b_min=b_min)
     wide = torch.float64 if spec.dtype == torch.float64 else torch.float32  # the kernels' fp32 registers
     if spec.norm is not None:
         n = spec.norm
@@ -971,17 +1269,31 @@ def gemm_reference(a: torch.Tensor, b: torch.Tensor, spec: GemmSpec, bias: torch
         if n.out_dtype is not None:
             y = y.to(n.out_dtype).to(wide)
         a = y
-    lhs = a.to(spec.dtype)
-    rhs = b.to(spec.dtype)
-    if spec.b_layout == "nk":
-        rhs = rhs.transpose(-1, -2)
+    w = spec.weight
+    row_factor = None  # what the product is scaled by (quantized B with per-row scales; A's row scales)
+    if w is not None and w.act is not None:
+        qa, a_scale = quantize_rows(a, w.act, wide)
+        lhs = qa
+        rhs = dequantize_weight(b, w, b_scale, b_min, shapes.k, wide, with_row_scale=False).t()
+        row_factor = a_scale[:, None] * b_scale.to(wide)[None, :]
+    elif w is not None:
+        lhs = a.to(spec.dtype)
+        rhs = dequantize_weight(b, w, b_scale, b_min, shapes.k, wide, with_row_scale=False).to(spec.dtype).t()
+        row_factor = None if w.group_size else b_scale.to(wide)[None, :]
+    else:
+        lhs = a.to(spec.dtype)
+        rhs = b.to(spec.dtype)
+        if spec.b_layout == "nk":
+            rhs = rhs.transpose(-1, -2)
     ops = epilogue_ops(spec)
-    if spec.has_bias and spec.bias_in_matmul:  # eager's addmm / baddbmm: one op, one rounding
+    if spec.has_bias and spec.bias_in_matmul and row_factor is None:  # eager's addmm / baddbmm: one rounding
         full = (torch.baddbmm if spec.batched else torch.addmm)(bias.to(spec.dtype), lhs, rhs).to(wide)
         assert isinstance(ops[0], AddBias), ops
         ops = ops[1:]
     else:
         full = torch.matmul(lhs, rhs).to(wide)
+    if row_factor is not None:
+        full = full * row_factor
     n_out = shapes.n_out
     acc, up = (full[..., :n_out], full[..., n_out:]) if spec.swiglu else (full, None)
     for op in ops:
@@ -1033,7 +1345,7 @@ def _strides3(t: torch.Tensor | None, batched: bool) -> tuple[int, int, int]:
 
 
 def _launch(a, b, spec: GemmSpec, bias, residual, row_scale, norm_weight, out, target: Target, cfg: GemmConfig,
-            batch: int, m: int, n_out: int, k: int, kernels: tuple | None = None) -> None:
+            batch: int, m: int, n_out: int, k: int, kernels: tuple | None = None, b_scale=None, b_min=None) -> None:
     gemm_fn, gemv_fn, reduce_fn = kernels or _kernels(spec, target)
     bt = spec.batched
     sab, sam, sak = _strides3(a, bt)
@@ -1049,14 +1361,19 @@ def _launch(a, b, spec: GemmSpec, bias, residual, row_scale, norm_weight, out, t
     bias_t, res_t, rs_t, nw_t = (bias if bias is not None else out, residual if residual is not None else out,
                                  row_scale if row_scale is not None else out,
                                  norm_weight if norm_weight is not None else out)
+    if b_min is not None and b_min.stride() != b_scale.stride():
+        b_scale, b_min = b_scale.contiguous(), b_min.contiguous()  # the kernels address both with one stride
+    qs_t, qm_t = (b_scale if b_scale is not None else out, b_min if b_min is not None else out)
+    sqn = b_scale.stride(0) if b_scale is not None else 0
+    sqk = b_scale.stride(1) if b_scale is not None and b_scale.dim() == 2 else 0
     upcast = target.interpret
     ieee = spec.dtype == torch.float32 and not spec.allow_tf32 and not target.interpret
     common = dict(SWIGLU=spec.swiglu, num_warps=cfg.num_warps)
     if cfg.regime == "tiled":
         groups_m = -(-m // cfg.BLOCK_M)
         grid = (groups_m * -(-n_out // cfg.BLOCK_N), batch)
-        gemm_fn[grid](a, b, out, bias_t, res_t, rs_t, nw_t, m, n_out, k, sab, sam, sak, sbb, sbn, sbk, sob, som, son,
-                      srb, srm, srn, srsb, groups_m, UPCAST=upcast, IEEE=ieee, GROUP_M=cfg.GROUP_M,
+        gemm_fn[grid](a, b, out, bias_t, res_t, rs_t, nw_t, qs_t, qm_t, m, n_out, k, sab, sam, sak, sbb, sbn, sbk,
+                      sob, som, son, srb, srm, srn, srsb, sqn, sqk, groups_m, UPCAST=upcast, IEEE=ieee, GROUP_M=cfg.GROUP_M,
                       BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_stages=cfg.num_stages,
                       **common)
         return
@@ -1069,8 +1386,9 @@ def _launch(a, b, spec: GemmSpec, bias, residual, row_scale, norm_weight, out, t
     k_chunk = k_chunk if k else 0
     width = n_out * 2 if spec.swiglu else n_out
     part = torch.empty((batch, splits, m, width), dtype=torch.float32, device=out.device) if splits > 1 else out
-    gemv_fn[(n_tiles, splits, batch)](a, b, out, part, bias_t, res_t, rs_t, nw_t, m, n_out, k, k_chunk, splits,
-                                      sab, sam, sak, sbb, sbn, sbk, sob, som, son, srb, srm, srn, srsb,
+    gemv_fn[(n_tiles, splits, batch)](a, b, out, part, bias_t, res_t, rs_t, nw_t, qs_t, qm_t, m, n_out, k, k_chunk,
+                                      splits, sab, sam, sak, sbb, sbn, sbk, sob, som, son, srb, srm, srn, srsb,
+                                      sqn, sqk,
                                       SPLIT=splits > 1, DOT=dot, UPCAST=upcast, IEEE=ieee, BLOCK_M=block_m,
                                       BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_stages=cfg.num_stages, **common)
     if splits > 1:
@@ -1080,6 +1398,9 @@ def _launch(a, b, spec: GemmSpec, bias, residual, row_scale, norm_weight, out, t
 
 # ---------------------------------------------------------------- the family: lowering, launcher, cost
 # turbofx::gemm nodes (the matmul pass makes them), steps of type "gemm".
+
+OPTIONAL_OPERANDS = ("bias", "residual", "norm_weight", "b_scale", "b_min")  # step keys: slots or None
+
 
 class GemmFamily(family.Family):
     step_types = ("gemm",)
@@ -1100,26 +1421,27 @@ class GemmFamily(family.Family):
 
         args = GemmArgs.of(n)
         a, b, bias, residual, norm_weight = args.a, args.b, args.bias, args.residual, args.norm_weight
+        operands = {"bias": bias, "residual": residual, "norm_weight": norm_weight, "b_scale": args.b_scale,
+                    "b_min": args.b_min}
         spec = gemm_spec_of(args.spec)
         names, source = kernel_sources(spec, lc.target.interpret)
         for name in names:
             lc.add_source(name, source)
         ov, bv = n.meta["val"], b.meta["val"]
-        k = val_int(bv.shape[-1] if spec.b_layout == "nk" else bv.shape[-2])
+        k = val_int(a.meta["val"].shape[-1])  # B's may be packed (uint4: two per byte)
         n_out = val_int(ov.shape[-1])
         target = lc.target
         slot = lc.slot
         step = {
             "type": "gemm", "kernels": names, "spec": args.spec,
-            "a": slot[a], "b": slot[b], "bias": slot[bias] if bias is not None else None,
-            "residual": slot[residual] if residual is not None else None,
-            "norm_weight": slot[norm_weight] if norm_weight is not None else None, "out": slot[n],
+            "a": slot[a], "b": slot[b], **{k: slot[x] if x is not None else None for k, x in operands.items()},
+            "out": slot[n],
             "shape": [ix.pyexpr(e) for e in ix.shape_of(n)], "stride": [ix.pyexpr(e) for e in ix.strides_of(n)],
             "configs": {bucket: asdict(config_for(target, spec, m, n_out, k)) for bucket, m in M_BUCKETS.items()},
             "target": {"backend": target.backend, "arch": target.arch, "warp_size": target.warp_size,
                        "sm_count": target.sm_count, "shared_mem": target.shared_mem},
             "node": n.name}
-        lc.define(n, [x for x in (a, b, bias, residual, norm_weight) if x is not None])
+        lc.define(n, [x for x in (a, b, *operands.values()) if x is not None])
         lc.records.append(family.KernelRecord(names[0], "gemm", label(spec), [n.name] + n.meta.get("turbofx_fused", [])))
         return step
 
@@ -1136,7 +1458,7 @@ class GemmFamily(family.Family):
         shape = [_compile_expr(e) for e in s["shape"]]
         stride = [_compile_expr(e) for e in s["stride"]]
         ai, bi, oi = s["a"], s["b"], s["out"]
-        extra = {k: s[k] for k in ("bias", "residual", "norm_weight") if s[k] is not None}
+        extra = {k: s[k] for k in OPTIONAL_OPERANDS if s.get(k) is not None}
         dtype = spec.out_type
 
         def run(values: list, env: dict) -> None:
@@ -1161,7 +1483,7 @@ class GemmFamily(family.Family):
         return family.bind(run, s, self)
 
     def reads(self, s: dict) -> list[int]:
-        return [s[k] for k in ("a", "b", "bias", "residual", "norm_weight") if s[k] is not None]
+        return [s[k] for k in ("a", "b", *OPTIONAL_OPERANDS) if s.get(k) is not None]
 
     def writes(self, s: dict) -> list[int]:
         return [s["out"]]

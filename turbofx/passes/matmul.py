@@ -101,6 +101,9 @@ class _Match:
     activation: str | None = None
     swiglu: bool = False
     out_dtype: torch.dtype | None = None
+    weight: object = None  # gemm.WeightQuant: B is a quantized weight (q, b_scale, b_min), dequantized in the prologue
+    b_scale: fx.Node | None = None
+    b_min: fx.Node | None = None
     last: fx.Node | None = None  # the last absorbed node: its users read the gemm's result
     absorbed: list[fx.Node] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -453,11 +456,12 @@ def _rewrite(gm: fx.GraphModule, m: _Match, a: fx.Node, residual: fx.Node | None
         with _fake_mode(val(x)) or nullcontext():
             a.meta["val"] = val(x).view(val(m.a).shape)
     with g.inserting_before(m.last):
-        node = g.call_function(GEMM_OP, (a, m.b, m.bias, residual, m.norm_weight, text))
+        node = g.call_function(GEMM_OP, (a, m.b, m.bias, residual, m.norm_weight, m.b_scale, m.b_min, text))
     # the graph nodes this one computes, for reports (they leave the graph)
     node.meta["turbofx_fused"] = [m.mm.name] + [n.name for n in m.absorbed] + [n.name for n in m.norm_nodes]
     with _fake_mode(val(a), val(m.b)) or nullcontext():
-        node.meta["val"] = tfx_ops.gemm(val(a), val(m.b), val(m.bias), val(residual), val(m.norm_weight), text)
+        node.meta["val"] = tfx_ops.gemm(val(a), val(m.b), val(m.bias), val(residual), val(m.norm_weight),
+                                        val(m.b_scale), val(m.b_min), text)
     m.last.replace_all_uses_with(node)
     for n in reversed([m.mm] + m.absorbed):
         if not n.users:

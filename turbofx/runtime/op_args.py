@@ -228,4 +228,6 @@ class GemmArgs(OpArgs):
     bias: Arg
     residual: Arg
     norm_weight: Arg
+    b_scale: Arg  # a quantized b's scales (the spec's WeightQuant), else None
+    b_min: Arg
     spec: str  # canonical JSON of the GemmSpec (turbofx.runtime.ops.gemm_spec_text)

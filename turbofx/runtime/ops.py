@@ -214,7 +214,7 @@ def _spec_of(text: str):
 
     from turbofx.codegen import gemm as g
 
-    records = {"GemmSpec": g.GemmSpec, "RmsNorm": g.RmsNorm}  # the only records a spec holds
+    records = {"GemmSpec": g.GemmSpec, "RmsNorm": g.RmsNorm, "WeightQuant": g.WeightQuant}  # all a spec holds
 
     def dec(v):
         if isinstance(v, dict):
@@ -239,21 +239,23 @@ def gemm_out_shape(a_shape, b_shape, spec) -> tuple:
 
 @torch.library.custom_op("turbofx::gemm", mutates_args=())
 def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-         norm_weight: torch.Tensor | None, spec: str) -> torch.Tensor:
+         norm_weight: torch.Tensor | None, b_scale: torch.Tensor | None, b_min: torch.Tensor | None,
+         spec: str) -> torch.Tensor:
     """``epilogue(prologue(a) @ b)`` as the ``GemmSpec`` in ``spec`` says: a [*, K], its leading
     dims the rows (batched: [Bt, M, K]); b [N, K] (``b_layout="nk"``, an nn.Linear weight) or [K, N]; bias [N];
-    residual like the output; norm_weight [K] (RMSNorm prologue). The reference is eager's
-    semantics, rounding included."""
-    return _gemm_reference(a, b, bias, residual, norm_weight, spec)
+    residual like the output; norm_weight [K] (RMSNorm prologue); a quantized b (the spec's
+    ``WeightQuant``) is q with its b_scale / b_min. The reference is eager's semantics, rounding
+    included."""
+    return _gemm_reference(a, b, bias, residual, norm_weight, b_scale, b_min, spec)
 
 
 @gemm.register_fake
-def _(a, b, bias, residual, norm_weight, spec):
+def _(a, b, bias, residual, norm_weight, b_scale, b_min, spec):
     s = gemm_spec_of(spec)
     return a.new_empty(gemm_out_shape(a.shape, b.shape, s), dtype=s.out_type)
 
 
-def _gemm_reference(a, b, bias, residual, norm_weight, spec):
+def _gemm_reference(a, b, bias, residual, norm_weight, b_scale, b_min, spec):
     """The op's semantics: unbatched, A's leading dims are rows ([*, K] -> [*, N])."""
     from turbofx.codegen.gemm import gemm_reference
 
@@ -263,7 +265,7 @@ def _gemm_reference(a, b, bias, residual, norm_weight, spec):
         rows = math.prod(a.shape[:-1])
         a = a.reshape(rows, a.shape[-1])
         residual = residual.reshape(rows, residual.shape[-1]) if residual is not None else None
-    out = gemm_reference(a, b, s, bias=bias, residual=residual, norm_weight=norm_weight)
+    out = gemm_reference(a, b, s, bias=bias, residual=residual, norm_weight=norm_weight, b_scale=b_scale, b_min=b_min)
     return out.reshape(out_shape)
 
 
