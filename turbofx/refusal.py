@@ -20,7 +20,10 @@ Codes in use (keep them stable; add new ones here):
   ``pow-exponent``, ``argument-kind``, ``scalar-reduction``, ``not-last-dim``, ``integer-max-min``,
   ``size-1-dim``.
 - GEMM family (``codegen/gemm.py``): ``strides``, ``batch-broadcast``, ``swiglu-odd-n``.
-- matmul pass: ``alpha-beta`` (addmm scaled), ``bias-shape``, ``reshape`` (the result's dims cannot be
+- quantize pass: ``weights-are-inputs``, ``not-state``, ``filtered``, ``lm-head``, ``weight-shared``,
+  ``not-float``, ``no-native-blocks``, ``quantize-failed``.
+- GEMM family, quantized weights: ``fp8-target`` (FP8 on a GPU without it).
+- matmul pass: ``act-quant`` (W8A8 weight without quantized rows), ``alpha-beta`` (addmm scaled), ``bias-shape``, ``reshape`` (the result's dims cannot be
   reached from A's without a reshape of symbolic size).
 - layout pass: ``weights-are-inputs`` (torch.compile door), ``not-state``, ``not-2d``, ``weight-shared``,
   ``bias-not-state``, ``dtype-differs``, ``device-differs``, ``k-differs``, ``mixed-bias``,

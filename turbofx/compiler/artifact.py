@@ -31,7 +31,7 @@ from turbofx.errors import ArtifactError
 # 3: meta.json / generation.json carry a digest of themselves; only listed kernels are loaded.
 # 4: state may hold weights the layout pass joined (e.g. q/k/v as one tensor; "layouts" in meta.json
 # and program.json): an older artifact's program reads the separate weights.
-FORMAT = 4
+FORMAT = 5  # 5: turbofx::gemm takes quantized weights (b_scale, b_min) and meta.json records the quantization
 MANIFESTS = ("meta.json", "generation.json")  # a forward artifact's, a generation artifact's
 
 
@@ -321,6 +321,7 @@ def save(compiled, output_dir: str | os.PathLike, extra: dict | None = None, ove
             "shares_weights_with": shares_weights_with,
             "guards": compiled._guards.to_json(),  # shape guards: ranges and assertions on input sizes
             "layouts": prog.d.get("layouts", []),  # weights joined at compile time (for people and tools)
+            "quantization": prog.d.get("quantization"),  # the config and the weights it quantized, or None
         }
         (tmp / "meta.json").write_text(seal(meta))
     return Path(output_dir).resolve()
@@ -444,6 +445,17 @@ def load(path: str | os.PathLike, device: str | None = None, shared_state: dict 
     report = Report(target=f"{target.get('backend')} {target.get('arch')} (loaded from {d})",
                     kernels=[KernelRecord(**k) for k in meta.get("kernels", [])],
                     layouts=[WeightLayout(**w) for w in meta.get("layouts", [])])
+    quant = meta.get("quantization")
+    if quant is not None:  # what was quantized at export (the config's filter, if custom, is not restored)
+        from turbofx.passes.quantize import QuantizedLayer
+        from turbofx.quant import config_from_json, parse
+
+        try:
+            report.quantization = config_from_json(quant["config"])
+        except TurbofxError:  # a custom filter is not stored: say which scheme, without it
+            report.quantization = parse(str(quant["config"].get("scheme")))
+        report.quantized = [QuantizedLayer(**{**q, "layers": tuple(q["layers"]), "shape": tuple(q["shape"])})
+                            for q in quant["layers"]]
     from turbofx.runtime.guards import ShapeGuards
 
     cm = CompiledModule(program, state, meta["plan"], expected, meta["names"], _spec_load(meta["in_spec"]),

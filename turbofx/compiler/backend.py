@@ -43,6 +43,48 @@ def _is_static(t) -> bool:
         return False
 
 
+def _freeze_weights(captured, example_inputs: list) -> dict:
+    """With quantization on, the model's parameters (call inputs at this door) become module state
+    the quantize pass may replace: each placeholder fed by an ``nn.Parameter`` gets the kind
+    "frozen" and its tensor as state. Returns {state key: (argument position, tensor, version)}:
+    what each call must still pass unchanged (``_FrozenWeights`` checks it)."""
+    import torch
+
+    users = [s for s in captured.inputs if s.kind == "user"]
+    if len(users) != len(example_inputs):
+        return {}  # AOTAutograd changed the inputs: which is a parameter is not known
+    frozen = {}
+    for i, (spec, t) in enumerate(zip(users, example_inputs)):
+        if isinstance(t, torch.nn.Parameter):
+            spec.kind, spec.target = "frozen", f"arg{i}:{spec.name}"
+            captured.state[spec.target] = t
+            frozen[spec.target] = (i, t, t._version)
+    return frozen
+
+
+class _FrozenWeights:
+    """Runs a program built over frozen (quantized) weights: its graph inputs are the call's
+    arguments where it still reads them, and the quantized state in place of the weights it
+    replaced. Each call checks those weights are the same tensors, unmodified: a program holds
+    their quantized values, so a changed weight would be silently ignored otherwise."""
+
+    def __init__(self, program, captured, arg_of: dict, weights: dict):
+        self.program = program
+        self.weights = {k: v for k, v in weights.items() if not any(s.target == k for s in captured.inputs)}
+        self.plan = [("arg", arg_of[s.name]) if s.name in arg_of else ("state", captured.state[s.target])
+                     for s in captured.inputs]
+
+    def __call__(self, args: list):
+        from turbofx.errors import TurbofxError
+
+        for key, (i, t, version) in self.weights.items():
+            if args[i] is not t or t._version != version:
+                raise TurbofxError(f"a weight turbofx quantized when compiling ({key.split(':', 1)[1]}) was changed "
+                                   "or replaced since: its quantized copy would be used instead. Recompile after "
+                                   "changing weights (torch._dynamo.reset(), then call the model again)")
+        return self.program([args[x] if kind == "arg" else x for kind, x in self.plan])
+
+
 def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict | None = None, **kwargs):
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
@@ -64,6 +106,8 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
         t0 = time.perf_counter()
         try:
             captured = capture_aot_graph(fx_graph, inputs)
+            weights = _freeze_weights(captured, example_inputs) if opts.quantize is not None else {}
+            arg_of = {s.name: i for i, s in enumerate(captured.inputs) if s.kind in ("user", "frozen")}
             constants = [captured.state[s.target] for s in captured.inputs if s.kind == "constant"]
             program, report, _, target = build(captured, opts, time.perf_counter() - t0)
         except TurbofxError:
@@ -75,7 +119,9 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
         _reports.append(report)
         stats["graphs"] += 1
         step = program
-        if graphs and not target.interpret:
+        if weights:  # quantized weights: the program's inputs are the call's, minus them, plus their state
+            step = _FrozenWeights(program, captured, arg_of, weights)
+        if graphs and not target.interpret and not weights:
             if len(inputs) == len(static):  # AOT kept Dynamo's inputs one for one
                 from turbofx.runtime.graphs import GraphRunner
 
@@ -86,6 +132,8 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
 
         def run(*args):
             stats["calls"] += 1
+            if weights:
+                return step(list(args))
             return step(list(args) + constants)  # lifted constants follow AOT's inputs
 
         return make_boxed_func(run)

@@ -25,7 +25,7 @@ aten = torch.ops.aten
 
 @dataclass
 class InputSpec:
-    kind: str  # "user" | "parameter" | "buffer" | "constant"
+    kind: str  # "user" | "parameter" | "buffer" | "constant" | "frozen" (a call input held as state: backend.py)
     name: str  # placeholder name
     target: str | None = None  # state-dict key for parameters/buffers/constants
 

@@ -55,6 +55,30 @@ def _load(spec: str, dtype: str):
     return model, tok
 
 
+QUANTIZE_HELP = ("weight quantization: int8 | int4 | int4-gN | w8a8 | fp8 | fp8-dynamic | gguf (the GGUF file's own "
+                 "Q8_0/Q4_0/Q4_1 blocks, kept as they are); default: none")
+
+
+def _quantize(spec: str | None, model=None):
+    """The parsed --quantize value; for gguf, the model's GGUF blocks are attached to its weights
+    first (a model not loaded from a GGUF file is refused)."""
+    from turbofx.quant import GGUFNative, parse
+
+    cfg = parse(spec)
+    if isinstance(cfg, GGUFNative) and model is not None:
+        from turbofx.errors import QuantizationError
+        from turbofx.quant.gguf import attach_gguf
+
+        path = getattr(model, "_turbofx_gguf_file", None)
+        if path is None:
+            raise QuantizationError("--quantize gguf needs a model loaded from a GGUF file (e.g. smollm2); "
+                                    "use int8 or int4 for other models")
+        notes = attach_gguf(model, path)
+        for note in notes:
+            print(f"  gguf: {note}", file=sys.stderr)
+    return cfg
+
+
 def _is_causal_lm(model) -> bool:
     return hasattr(model, "generate") and hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
 
@@ -66,7 +90,9 @@ def cmd_export(a) -> int:
     from turbofx.compiler.artifact import check_output_dir
 
     check_output_dir(a.output_dir, a.overwrite)  # before loading and compiling the model
+    _quantize(a.quantize)  # a bad --quantize fails before the model loads
     model, tok = _load(a.model, a.dtype)
+    quant = _quantize(a.quantize, model)
     vocab = model.config.vocab_size
     ids = _prompt_ids(tok, DEFAULT_PROMPT, vocab)[:, :8]
     eos = getattr(model.config, "eos_token_id", None)
@@ -76,13 +102,13 @@ def cmd_export(a) -> int:
         from turbofx.compiler.generation import export_generation
 
         path = export_generation(model, ids, a.output_dir, a.max_cache_len, target=a.target, extra=extra,
-                                 overwrite=a.overwrite, tokenizer=tok)
+                                 overwrite=a.overwrite, tokenizer=tok, quantize=quant)
     else:
         kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
         extra["generate_kwargs"] = kwargs
         with torch.no_grad():
             path = turbofx.export(model, (ids,), kwargs, output_dir=a.output_dir, target=a.target, dynamic=True,
-                                  extra=extra, overwrite=a.overwrite, tokenizer=tok)
+                                  extra=extra, overwrite=a.overwrite, tokenizer=tok, quantize=quant)
     print(f"wrote {path}")
     return 0
 
@@ -93,6 +119,7 @@ def cmd_run(a) -> int:
     import turbofx
 
     d = Path(a.artifact)
+    _check_artifact_quantization(d, a.quantize)
     tok = None
     if (d / "tokenizer").is_dir():
         from transformers import AutoTokenizer
@@ -112,6 +139,25 @@ def cmd_run(a) -> int:
     print(_decode(tok, tokens))
     print(f"[{len(tokens)} tokens in {secs:.2f}s: {len(tokens) / secs:.2f} tokens/s; full prefix each step]")
     return 0
+
+
+def _check_artifact_quantization(d, spec: str | None) -> None:
+    """``run --quantize X``: an artifact's weights were quantized when it was exported; X must say
+    the same (nothing is re-quantized at load time)."""
+    if spec is None:
+        return
+    from turbofx.compiler.artifact import read_sealed
+    from turbofx.errors import ArtifactError
+
+    want = _quantize(spec)
+    meta_path = d / "decode" / "meta.json" if (d / "generation.json").is_file() else d / "meta.json"
+    if not meta_path.is_file():
+        return  # load reports what is missing
+    quant = read_sealed(meta_path, meta_path.parent).get("quantization")
+    have = quant["config"]["name"] if quant else None
+    if have != want.name:
+        raise ArtifactError(f"{d} was exported with quantize={have!r}, not {want.name!r}: weights are quantized at "
+                            f"export; re-export with --quantize {want.name}")
 
 
 def _run_generation(d, tok, a) -> int:
@@ -135,7 +181,9 @@ def cmd_demo(a) -> int:
     import turbofx
 
     torch.manual_seed(0)
+    _quantize(a.quantize)  # a bad --quantize fails before the model loads
     model, tok = _load(a.model, a.dtype)
+    quant = _quantize(a.quantize, model)
     ids = _prompt_ids(tok, a.prompt, model.config.vocab_size)
     eos = getattr(model.config, "eos_token_id", None)
     print(f"prompt: {a.prompt!r} ({ids.shape[1]} tokens)", flush=True)
@@ -147,7 +195,7 @@ def cmd_demo(a) -> int:
     eager_s = time.perf_counter() - t0
     eager_tokens = ref[0, ids.shape[1]:].tolist()
     print("turbofx: compiling prefill and decode step, then generating ...", file=sys.stderr, flush=True)
-    res = turbofx.generate(model, ids, a.max_new_tokens, eos_token_id=eos, target=a.target)
+    res = turbofx.generate(model, ids, a.max_new_tokens, eos_token_id=eos, target=a.target, quantize=quant)
     tfx_tokens = res.new_tokens[0].tolist()
     if eos is not None and (eos if isinstance(eos, int) else None) in tfx_tokens:  # HF stops at EOS too
         tfx_tokens = tfx_tokens[: tfx_tokens.index(eos) + 1]
@@ -275,10 +323,12 @@ def _main(argv: list[str] | None = None) -> int:
     _flag(e, "--max-cache-len", type=int, default=256)
     e.add_argument("--overwrite", action="store_true",
                    help="replace an existing turbofx artifact in --output-dir (never any other directory)")
+    _flag(e, "--quantize", default=None, help=QUANTIZE_HELP)
     r = sub.add_parser("run", help="load an artifact and generate greedily")
     r.add_argument("artifact")
     _flag(r, "--prompt", default=DEFAULT_PROMPT)
     _flag(r, "--max-new-tokens", type=int, default=16)
+    _flag(r, "--quantize", default=None, help="check that the artifact was exported with this quantization")
     d = sub.add_parser("demo", help="compile and run a model next to eager (the README's main job)")
     d.add_argument("model", nargs="?", default="smollm2")
     _flag(d, "--prompt", default=DEFAULT_PROMPT)
@@ -286,6 +336,7 @@ def _main(argv: list[str] | None = None) -> int:
     _flag(d, "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     _flag(d, "--target", default=None, type=cli_target, help="cpu | cuda | hip")
     _flag(d, "--json", default=None)
+    _flag(d, "--quantize", default=None, help=QUANTIZE_HELP)
     b = sub.add_parser("bisect", help="find the rewrite that makes the compiled model differ from eager")
     b.add_argument("model", help="smollm2 | llama | qwen2 | ... | pkg.module:factory")
     _flag(b, "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from turbofx.passes.fusion import fuse
 from turbofx.passes.layout import layout
 from turbofx.passes.manager import Fuel, PassContext, PassManager, PassRecord, Rewrite, pass_name
 from turbofx.passes.matmul import matmul
+from turbofx.passes.quantize import quantize
 from turbofx.passes.reinplace import reinplace
 from turbofx.passes.state import ModuleState
 from turbofx.refusal import Refusal
@@ -36,7 +37,7 @@ if os.environ.get("TURBOFX_LOG"):
     logging.getLogger("turbofx").setLevel(os.environ["TURBOFX_LOG"].upper())
 
 
-PASSES = [canonicalize, layout, attention, attention_prologue, matmul, fuse, reinplace]  # in order
+PASSES = [canonicalize, layout, quantize, attention, attention_prologue, matmul, fuse, reinplace]  # in order
 VERIFY_MODES = (False, True, "passes", "kernels", "all")  # True is "passes"
 
 
@@ -56,6 +57,9 @@ class Options:
     cudagraphs: bool | None = None  # replay through CUDA/HIP graphs; None: on for GPU targets
     attention: bool = True  # recognise attention and generate streaming kernels for it
     disable: tuple = ()  # pass names to skip (e.g. "attention_prologue"), to isolate a pass's effect
+    # weight quantization: a turbofx.quant config or its name ("int8", "int4", "int4-g64", "w8a8", "fp8",
+    # "fp8-dynamic", "gguf"); None keeps the weights as they are
+    quantize: Any = None
 
     @classmethod
     def make(cls, **kw) -> "Options":
@@ -75,6 +79,9 @@ class Options:
             if not env.isdigit():
                 raise TurbofxError(f"TURBOFX_MAX_REWRITES={env!r}: expected a whole number >= 0 (or unset it)")
             opts.max_rewrites = int(env)
+        from turbofx.quant import parse
+
+        opts.quantize = parse(opts.quantize)
         if opts.max_rewrites is not None and (isinstance(opts.max_rewrites, bool) or not isinstance(
                 opts.max_rewrites, int) or opts.max_rewrites < 0):
             raise TurbofxError(f"max_rewrites={opts.max_rewrites!r}: expected a whole number >= 0, or None "
@@ -111,6 +118,8 @@ class Report:
     refusals: dict[str, Refusal] = field(default_factory=dict)  # node name -> the last refusal recorded for it
     roofline: Any = None  # roofline.ProgramCost of one call, when explain() was given that call's inputs
     layouts: list = field(default_factory=list)  # passes.layout.WeightLayout: weights joined into one
+    quantization: Any = None  # the turbofx.quant config applied (None: none)
+    quantized: list = field(default_factory=list)  # passes.quantize.QuantizedLayer: weights quantized
 
     def refusal_of(self, node: str) -> Refusal | None:
         """Why a pass (or verify=kernels) did not take this node: the last refusal recorded for it;
@@ -157,6 +166,8 @@ class Report:
             lines.append(f"  {w.describe()}")
         if len(self.layouts) > 4:
             lines.append(f"  (+{len(self.layouts) - 4} more layouts: Report.layouts)")
+        if self.quantization is not None:
+            lines.append("  " + quantization_summary(self))
         if self.rewrite_budget is not None:
             spent = ", budget spent: later rewrites skipped" if self.budget_exhausted else ""
             lines.append(f"  rewrites: {len(self.rewrites)} made of max_rewrites={self.rewrite_budget}{spent}")
@@ -182,7 +193,10 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
         with unset_fake_temporarily():
             flat_example = _graph_example_inputs(captured)
     ctx = PassContext(example_inputs=flat_example, fuel=Fuel(opts.max_rewrites),
-                      mutated_outputs=_mutated_outputs(captured), state=ModuleState(captured, flat_example))
+                      mutated_outputs=_mutated_outputs(captured), state=ModuleState(captured, flat_example),
+                      quant=opts.quantize)
+    if opts.quantize is not None:
+        check_quantization(opts.quantize, target)
     log.info("passes over %d graph nodes", len(captured.gm.graph.nodes))
     pm = PassManager(opts.passes(), verify=opts.verify_passes, dump_dir=opts.dump_dir,
                      progress=lambda name: progress.stage(f"pass {name}"))
@@ -210,12 +224,41 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
     lowered.program["target"] = {"backend": target.backend, "arch": target.arch}
     lowered.program["layouts"] = [w.to_json() for w in ctx.layouts]  # weights the layout pass joined
     report.layouts = list(ctx.layouts)
+    report.quantization, report.quantized = opts.quantize, list(ctx.quantized)
+    if opts.quantize is not None:
+        lowered.program["quantization"] = {"config": opts.quantize.to_json(),
+                                           "layers": [asdict(q) for q in ctx.quantized]}
     program = Program(lowered.program, kernels)
     program.sources = lowered.sources
     report.kernels = lowered.kernels
     report.stage_seconds.update(passes=t1 - t0, codegen=time.perf_counter() - t1)
     _dump_kernels(opts, lowered.sources)
     return program, report, lowered, target
+
+
+def check_quantization(cfg, target) -> None:
+    """Refuse a scheme the target cannot run, before any work (FP8 needs sm89+ / gfx942)."""
+    from turbofx.codegen.gemm import quant_refusal
+    from turbofx.errors import QuantizationError
+
+    fmt = cfg.fmt
+    why = quant_refusal(fmt, target) if fmt is not None else None
+    if why is not None:
+        hint = " (AMD MI300: quantize='fp8-fnuz')" if target.arch == "gfx942" else ""
+        raise QuantizationError(f"quantize={cfg.name!r}: {why.detail}{hint}")
+
+
+def quantization_summary(report: "Report") -> str:
+    """One line: the scheme, how many linear weights it took, bytes before and after, and why the
+    others were left (refusal codes)."""
+    q = report.quantized
+    full = sum(x.full_bytes for x in q)
+    small = sum(x.quantized_bytes for x in q)
+    rec = next((p for p in report.passes if p.name == "quantize"), None)
+    left = ", ".join(f"{n} {c}" for c, n in rec.refusal_counts().items()) if rec is not None else ""
+    ratio = f" ({small / full:.2f}x)" if full else ""
+    return (f"quantization {report.quantization.name}: {len(q)} weights, {full / 1e6:.1f} MB -> {small / 1e6:.1f} MB"
+            f"{ratio}" + (f"; kept in full precision: {left}" if left else ""))
 
 
 def _lower_and_load(captured: CapturedGraph, regions: list, target, refusals: dict[str, Refusal], progress: Progress,
@@ -268,8 +311,15 @@ def _dump_kernels(opts: Options, sources: dict[str, str]) -> None:
 
 
 def _graph_example_inputs(c: CapturedGraph) -> list:
-    users = iter(c.example_user_inputs)
-    return [_real(next(users)) if s.kind == "user" else c.state[s.target] for s in c.inputs]
+    users = iter(c.example_user_inputs)  # one per call input, frozen weights too (backend.py)
+    out = []
+    for s in c.inputs:
+        if s.kind in ("user", "frozen"):
+            x = next(users)
+            out.append(_real(x) if s.kind == "user" else c.state[s.target])
+        else:
+            out.append(c.state[s.target])
+    return out
 
 
 def _real(x):

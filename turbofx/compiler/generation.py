@@ -480,7 +480,7 @@ def prompt_inputs(ids: torch.Tensor, mask: torch.Tensor, cache_len: int) -> tupl
 
 def export_generation(model: torch.nn.Module, example_ids: torch.Tensor, output_dir, max_cache_len: int = 256,
                       target: str | None = None, extra: dict | None = None, overwrite: bool = False,
-                      tokenizer=None):
+                      tokenizer=None, quantize=None):
     """Write a generation artifact: prefill (prompt length symbolic) and the decode step over one
     exported KV cache; the decode artifact holds weights and cache, prefill shares them.
     ``output_dir`` is checked before compiling, as for ``turbofx.export`` (``overwrite=True``
@@ -493,8 +493,8 @@ def export_generation(model: torch.nn.Module, example_ids: torch.Tensor, output_
     args = prompt_inputs(example_ids, torch.ones_like(example_ids), max_cache_len)
     step = (example_ids[:, :1], args[1][:1] + example_ids.shape[1], args[2], args[3][:, -1:] + 1)
     with torch.no_grad():
-        prefill = tfx_compile(decoder, args, target=target, dynamic=True, cudagraphs=False)
-        decode = tfx_compile(decoder, step, target=target, cudagraphs=False)
+        prefill = tfx_compile(decoder, args, target=target, dynamic=True, cudagraphs=False, quantize=quantize)
+        decode = tfx_compile(decoder, step, target=target, cudagraphs=False, quantize=quantize)
     decoder.reset()
     with atomic_dir(out, overwrite) as tmp:
         save(decode, tmp / "decode", extra=extra)

@@ -158,7 +158,7 @@ def _input_key(a: fx.Node) -> tuple:
 def _refuse_member(s: _Sibling, ctx: PassContext) -> str | None:
     """Why this sibling cannot be joined (a refusal code + detail), or None."""
     w = s.weight
-    if ctx.state.is_call_input(w):
+    if ctx.state.is_call_input(w) or ctx.state.is_frozen(w):
         return "weights-are-inputs"
     if ctx.state.value(w) is None:
         return "not-state"

@@ -98,6 +98,8 @@ class PassContext:
     fuel: Fuel = field(default_factory=Fuel)
     state: ModuleState = field(default_factory=ModuleState)
     layouts: list = field(default_factory=list)
+    quant: Any = None  # the turbofx.quant config the quantize pass applies (None: no quantization)
+    quantized: list = field(default_factory=list)  # passes.quantize.QuantizedLayer: weights it quantized
 
 
 Pass = Callable[[fx.GraphModule, PassContext], PassRecord]

@@ -7,6 +7,9 @@ view to 2-D, ``mm``/``addmm`` with a transposed weight, a view back):
   what the GEMV wants), anything else as ``[K, N]``;
 - prologue: an RMSNorm producing A (``w * (x * rsqrt(mean(x², -1) + eps))`` with the casts eager
   makes, gemma's ``1 + w`` too) is computed inside the GEMM from ``x`` (``RmsNorm`` in the spec);
+- B quantized (the quantize pass's ``dequant_weight(q, scale, min)`` under the transpose): the GEMM
+  reads q, scale and min and dequantizes in its prologue (``GemmSpec.weight``); for W8A8 / FP8
+  dynamic, A's ``quantize_rows`` is folded too (the GEMM quantizes A's rows as it loads them);
 - epilogue, in this order: bias (addmm, or an add of a [N] vector), activation (silu, relu,
   gelu-tanh; silu also in its decomposed form), or SwiGLU ``act(gate) * up`` when gate and up
   are the two halves of one matmul's output (the layout pass concatenates them), residual add of
@@ -33,6 +36,8 @@ from turbofx.runtime import ops as tfx_ops
 
 aten = torch.ops.aten
 GEMM_OP = torch.ops.turbofx.gemm.default
+DEQUANT_WEIGHT = torch.ops.turbofx.dequant_weight.default
+QUANTIZE_ROWS = torch.ops.turbofx.quantize_rows.default
 _MATMULS = (aten.mm.default, aten.addmm.default, aten.bmm.default)
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 _TRANSPOSES = (aten.t.default, aten.permute.default, aten.transpose.int)
@@ -308,11 +313,19 @@ def match(mm: fx.Node, fuse: bool = True) -> _Match | Refusal:
                                     "of one dtype)")
     stored_b, layout = _weight_view(b, batched)
     m = _Match(mm=mm, a=a, b=stored_b, b_layout=layout, batched=batched, last=mm)
+    if layout == "nk" and stored_b.target is DEQUANT_WEIGHT:  # the quantize pass's weight: q read directly
+        q, scale, mins, text = stored_b.args
+        m.weight, _, _ = tfx_ops.quant_of(text)
+        m.b, m.b_scale, m.b_min = q, scale, mins
+        if m.weight.act is not None:
+            if a.op != "call_function" or a.target is not QUANTIZE_ROWS or a.args[1] != m.weight.act:
+                return Refusal("act-quant", "a W8A8 / FP8-dynamic weight whose activations are not quantized rows")
+            m.a = a.args[0]  # the GEMM quantizes A's rows as it loads them
     if bias is not None:
         if val(bias).dim() != 1 or val(bias).dtype != dt:
             return Refusal("bias-shape", "addmm's bias is not one [N] vector of the matmul's dtype")
         m.bias, m.bias_in_matmul = bias, True
-    if fuse and not batched:
+    if fuse and not batched and (m.weight is None or m.weight.act is None):  # A's rows are quantized, not normed
         _match_prologue(m)
     if fuse:
         _match_epilogue(m)
@@ -407,7 +420,8 @@ def _spec(m: _Match) -> gemm_family.GemmSpec:
     return gemm_family.GemmSpec(
         dtype=dt, a_dtype=a_dtype if a_dtype != dt else None, out_dtype=m.out_dtype, b_layout=m.b_layout,
         has_bias=m.bias is not None, activation=m.activation, swiglu=m.swiglu, residual=m.residual is not None,
-        batched=m.batched, norm=m.norm, eager_rounding=True, bias_in_matmul=m.bias_in_matmul)
+        batched=m.batched, norm=m.norm, eager_rounding=True, bias_in_matmul=m.bias_in_matmul,
+        b_dtype=m.weight.dtype if m.weight is not None else None, weight=m.weight)
 
 
 def _shape_key(node: fx.Node) -> list[str]:
@@ -470,10 +484,11 @@ def _rewrite(gm: fx.GraphModule, m: _Match, a: fx.Node, residual: fx.Node | None
 
 
 def _dead_code(g: fx.Graph) -> None:
-    """Drop nodes no one reads that only computed a value (the norms a gemm now recomputes)."""
+    """Drop nodes no one reads that only computed a value (the norms a gemm now recomputes, the
+    dequantized weights and quantized rows it now reads from q and A)."""
     for n in reversed(list(g.nodes)):
         if n.op == "call_function" and not n.users and isinstance(n.target, torch._ops.OpOverload) \
-                and not n.target._schema.is_mutable and n.target.namespace == "aten":
+                and not n.target._schema.is_mutable and n.target.namespace in ("aten", "turbofx"):
             g.erase_node(n)
 
 

@@ -60,6 +60,12 @@ class ModuleState:
         s = self.spec(node)
         return s is not None and s.kind == "user"
 
+    def is_frozen(self, node: Any) -> bool:
+        """Whether ``node`` is a call input the backend froze as state for quantization (kind
+        "frozen": passed by every call and checked unchanged; only the quantize pass replaces it)."""
+        s = self.spec(node)
+        return s is not None and s.kind == "frozen"
+
     def value(self, node: Any) -> torch.Tensor | None:
         """The tensor a state placeholder reads at each call; None when ``node`` is not state (a call
         input, as weights are through the torch.compile door, or not a placeholder)."""

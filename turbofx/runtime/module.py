@@ -75,6 +75,15 @@ class CompiledModule(torch.nn.Module):
         self._eval = Evaluator()
         self._user_mutations = sorted((i, key) for i, (kind, key) in mutations.items() if kind == "user")
 
+    def state_bytes(self) -> int:
+        """Bytes of the module state the program holds (weights, quantized or not; buffers), each
+        storage counted once (joined weights and their views share one)."""
+        seen: dict[int, int] = {}
+        for t in self._state.values():
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return sum(seen.values())
+
     def _step(self, graph_inputs: list) -> list:
         """One call: the Program, then its buffer mutations written back in place. Returns the user
         outputs followed by the new values of mutated user inputs (the caller writes those into the

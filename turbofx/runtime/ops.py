@@ -270,3 +270,61 @@ def _gemm_reference(a, b, bias, residual, norm_weight, b_scale, b_min, spec):
 
 
 _register_recompute_backward(gemm, _gemm_reference)
+
+
+# ---------------------------------------------------------------- quantization
+# The quantize pass writes quantized weights as ``dequant_weight(q, scale, min)`` feeding the
+# matmul (and W8A8 / FP8-dynamic activations as ``quantize_rows(x)``): the graph then still says
+# what it computes, eagerly, while the matmul pass folds both into the GEMM's prologue so no
+# dequantized copy is ever made. ``spec`` is canonical JSON of a ``QuantText``.
+
+def quant_text(fmt, dtype: torch.dtype, k: int) -> str:
+    """The spec text of ``dequant_weight``: the WeightQuant, the output dtype, K (uint4 packs it)."""
+    import json
+
+    return json.dumps({"fmt": json.loads(gemm_spec_text(fmt)), "dtype": str(dtype).removeprefix("torch."), "k": k},
+                      sort_keys=True, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=None)
+def quant_of(text: str):
+    """(WeightQuant, dtype, K) of a ``quant_text``."""
+    import json
+
+    d = json.loads(text)
+    fmt = _spec_of(json.dumps(d["fmt"]))
+    dtype = getattr(torch, d["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"turbofx::dequant_weight spec names an unknown dtype {d['dtype']!r}")
+    return fmt, dtype, int(d["k"])
+
+
+@torch.library.custom_op("turbofx::dequant_weight", mutates_args=())
+def dequant_weight(q: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None, spec: str) -> torch.Tensor:
+    """A quantized [N, K] weight dequantized (``WeightQuant``'s formula in fp32, rounded to the
+    spec's dtype). The matmul pass folds it into a GEMM's prologue; run alone, it makes the copy."""
+    from turbofx.codegen.gemm import dequantize_weight
+
+    fmt, dtype, k = quant_of(spec)
+    return dequantize_weight(q, fmt, scale, min, k, torch.float32).to(dtype)
+
+
+@dequant_weight.register_fake
+def _(q, scale, min, spec):
+    fmt, dtype, k = quant_of(spec)
+    return q.new_empty((q.shape[0], k), dtype=dtype)
+
+
+@torch.library.custom_op("turbofx::quantize_rows", mutates_args=())
+def quantize_rows(x: torch.Tensor, act: str) -> torch.Tensor:
+    """x fake-quantized per row over its last dim (dynamic int8 / fp8: ``gemm.quantize_rows``'s
+    q times its row scale, in x's dtype): what a W8A8 / FP8-dynamic matmul sees of its input."""
+    from turbofx.codegen.gemm import quantize_rows as quantize
+
+    q, scale = quantize(x, act, torch.float32)
+    return (q * scale[..., None]).to(x.dtype)
+
+
+@quantize_rows.register_fake
+def _(x, act):
+    return torch.empty_like(x)

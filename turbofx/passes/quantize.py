@@ -1,0 +1,240 @@
+"""quantize: the weights of linear layers become quantized state, read through ``dequant_weight``.
+
+Pattern: ``mm(A, t(W))`` / ``addmm(b, A, t(W))`` (``nn.Linear``, also after the layout pass joined
+siblings), W a 2-D float state tensor (``ctx.state``) that the config's filter accepts.
+
+Rewrite: W is quantized once, at compile time (``ctx.quant``: a ``turbofx.quant`` config, or the
+weight's own GGUF blocks for ``GGUFNative``), into new state tensors q / scale / min, and the graph
+reads ``t(dequant_weight(q, scale, min))`` where it read ``t(W)``; W's placeholder is dropped, so the
+program holds no full-precision copy. With dynamic activation quantization (W8A8, FP8 dynamic) A
+becomes ``quantize_rows(A)``. The matmul pass then folds both into the GEMM's prologue (the kernels
+read q directly); a matmul it does not take runs the ops' references (correct, and slower: the
+report says so).
+
+Invariant: the graph computes what an eager model whose weights are the dequantized ones computes
+(for W8A8 / FP8 dynamic: with its activations fake-quantized per row), so the ops' references are
+the eager semantics of the quantized model. Each quantized weight takes one unit of fuel.
+Quantizing the same tensor again (generate compiles prefill and decode) reuses the first
+result: same values, memory held once. Refusal codes: see ``REFUSALS``.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from turbofx.passes.manager import PassContext, PassRecord
+from turbofx.refusal import Refusal
+
+aten = torch.ops.aten
+_TRANSPOSES = (aten.permute.default, aten.t.default)
+
+REFUSALS = {
+    "weights-are-inputs": "the weight is a call input, not module state: it may change between calls",
+    "not-state": "the weight is computed in the graph, not read from module state",
+    "filtered": "the quantization config's filter leaves this layer in full precision",
+    "lm-head": "the output projection (its result is the graph's output) stays in full precision by default",
+    "weight-shared": "the weight is read elsewhere too (e.g. an embedding tied to the LM head)",
+    "not-float": "the weight is not a 2-D float tensor",
+    "no-native-blocks": "GGUF-native quantization: this weight has no GGUF blocks kept (dequantized on load)",
+    "quantize-failed": "the weight could not be quantized",
+}
+
+
+@dataclass(frozen=True)
+class QuantizedLayer:
+    """One weight the pass quantized: its state key, the source layers, the scheme, bytes."""
+
+    key: str
+    layers: tuple[str, ...]
+    scheme: str
+    shape: tuple[int, int]
+    full_bytes: int
+    quantized_bytes: int
+
+    def describe(self) -> str:
+        return (f"quantize: {'+'.join(self.layers)} [{self.shape[0]}, {self.shape[1]}] -> {self.scheme} "
+                f"({self.full_bytes / 1e6:.2f} MB -> {self.quantized_bytes / 1e6:.2f} MB)")
+
+
+def _linear(n: fx.Node):
+    """(A, transpose, W) of ``mm(A, t(W))`` / ``addmm(b, A, t(W))`` with default scaling, else None."""
+    if n.op != "call_function":
+        return None
+    if n.target is aten.mm.default and len(n.args) == 2:
+        a, bt = n.args
+    elif n.target is aten.addmm.default and len(n.args) == 3 and all(n.kwargs.get(k, 1) == 1 for k in ("beta", "alpha")):
+        _, a, bt = n.args
+    else:
+        return None
+    if not (isinstance(bt, fx.Node) and bt.op == "call_function" and bt.target in _TRANSPOSES
+            and isinstance(bt.args[0], fx.Node)):
+        return None
+    if bt.target is aten.permute.default and list(bt.args[1]) != [1, 0]:
+        return None
+    return a, bt, bt.args[0]
+
+
+def layer_names(key: str, layouts: list) -> tuple[str, ...]:
+    """The linear layers (module paths) a weight's state key stands for: the layout pass's sources
+    for a joined weight, else the key without its ``.weight``."""
+    joined = next((w for w in layouts if w.name == key), None)
+    keys = joined.sources if joined is not None else [key]
+    return tuple(k.removesuffix(".weight") for k in keys)
+
+
+def _reaches_output(n: fx.Node) -> bool:
+    """Whether n's value is returned (through views and casts only): the model's output projection."""
+    seen, todo = set(), [n]
+    while todo:
+        x = todo.pop()
+        for u in x.users:
+            if u.op == "output":
+                return True
+            if u in seen or u.op != "call_function":
+                continue
+            if u.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+                            aten._to_copy.default, aten.slice.Tensor):
+                seen.add(u)
+                todo.append(u)
+    return False
+
+
+def _refusal(n: fx.Node, a, bt: fx.Node, w: fx.Node, ctx: PassContext) -> tuple[str, str] | None:
+    st = ctx.state
+    if st.is_call_input(w):
+        return "weights-are-inputs", ""
+    t = st.value(w)
+    if t is None:
+        return "not-state", ""
+    if t.dim() != 2 or not t.dtype.is_floating_point or t.dtype == torch.float64:
+        return "not-float", f"{t.dtype} {tuple(t.shape)}"
+    if len(w.users) != 1 or len(bt.users) != 1:
+        return "weight-shared", ""
+    names = layer_names(st.key(w), ctx.layouts)
+    cfg = ctx.quant
+    rejected = [name for name in names if not cfg.applies_to(name)]
+    if rejected:
+        return "filtered", ", ".join(rejected)
+    if cfg.filter is None and _reaches_output(n):
+        return "lm-head", ""
+    return None
+
+
+def quantize(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
+    from turbofx.errors import QuantizationError
+
+    rec = PassRecord("quantize")
+    if ctx.quant is None:
+        return rec
+    st = ctx.state
+    for n in list(gm.graph.nodes):
+        found = _linear(n)
+        if found is None:
+            continue
+        a, bt, w = found
+        why = _refusal(n, a, bt, w, ctx)
+        if why is not None:
+            code, detail = why
+            rec.refuse(n, Refusal(code, REFUSALS[code] + (f" ({detail})" if detail else "")))
+            continue
+        key = st.key(w)
+        try:
+            qw = quantized(st.value(w), ctx.quant)
+        except QuantizationError as e:
+            code = "no-native-blocks" if _is_native(ctx.quant) else "quantize-failed"
+            rec.refuse(n, Refusal(code, f"{key}: {e}"))
+            continue
+        if not ctx.fuel.take(f"quantize {key} ({ctx.quant.name})"):
+            rec.refuse(n, ctx.fuel.refusal)
+            continue
+        full = st.value(w)
+        layer = QuantizedLayer(key, layer_names(key, ctx.layouts), _scheme(qw), tuple(qw.shape),
+                               full.numel() * full.element_size(), qw.nbytes)
+        _rewrite(gm, n, a, bt, w, key, qw, ctx)
+        ctx.quantized.append(layer)
+        rec.matched.append(layer.describe())
+        if not w.users:
+            st.drop(w)
+    return rec
+
+
+quantize.pass_name = "quantize"
+
+
+def _scheme(qw) -> str:
+    f = qw.fmt
+    return f.storage + (f"-g{f.group_size}" if f.group_size else "") + (f" x {f.act} activations" if f.act else "")
+
+
+def _is_native(cfg) -> bool:
+    return type(cfg).__name__ == "GGUFNative"
+
+
+def _rewrite(gm: fx.GraphModule, n: fx.Node, a, bt: fx.Node, w: fx.Node, key: str, qw, ctx: PassContext) -> None:
+    from torch._guards import detect_fake_mode
+
+    from turbofx.runtime import ops as tfx_ops
+
+    st = ctx.state
+    g = gm.graph
+    dtype = w.meta["val"].dtype
+    q = st.add(f"{key}.q", qw.q, like=w)
+    s = st.add(f"{key}.scale", qw.scale, like=q)
+    m = st.add(f"{key}.min", qw.min, like=s) if qw.min is not None else None
+    text = tfx_ops.quant_text(qw.fmt, dtype, int(qw.shape[1]))
+    mode = detect_fake_mode([w.meta.get("val")])
+    with g.inserting_before(bt):
+        deq = g.call_function(torch.ops.turbofx.dequant_weight.default, (q, s, m, text))
+    with mode:
+        deq.meta["val"] = torch.ops.turbofx.dequant_weight.default(q.meta["val"], s.meta["val"],
+                                                                   m.meta["val"] if m is not None else None, text)
+    bt.replace_input_with(w, deq)
+    if qw.fmt.act is not None:
+        with g.inserting_before(n):
+            fq = g.call_function(torch.ops.turbofx.quantize_rows.default, (a, qw.fmt.act))
+        with mode:
+            fq.meta["val"] = torch.ops.turbofx.quantize_rows.default(a.meta["val"], qw.fmt.act)
+        n.replace_input_with(a, fq)
+
+
+# ------------------------------------------------------------------ quantize once per tensor
+
+_lock = threading.Lock()
+_done: dict[tuple, Any] = {}  # (data_ptr, shape, stride, dtype, device, config) -> weakref to a QuantizedWeight
+
+
+def _fingerprint(t: torch.Tensor) -> int:
+    """A checksum of the tensor's exact bits (a reused address with other values never matches)."""
+    bits = t.detach().contiguous().view(-1).view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+    idx = torch.arange(bits.numel(), device=t.device, dtype=torch.int64) % 65521 + 1
+    return int((bits.to(torch.int64) * idx).sum())
+
+
+def quantized(t: torch.Tensor, cfg):
+    """``cfg.quantize(t)``, reusing an earlier result for the same tensor (same address, layout and
+    bits) and config while that result is alive (held by a compiled program)."""
+    import weakref
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.no_grad():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device), repr(cfg))
+        print_ = _fingerprint(t)
+        with _lock:
+            ref = _done.get(key)
+            hit = ref() if ref is not None else None
+            if hit is not None and getattr(hit, "_turbofx_fingerprint", None) == print_:
+                return hit
+        qw = cfg.quantize(t.detach())
+        qw._turbofx_fingerprint = print_
+        with _lock:
+            for k in [k for k, r in _done.items() if r() is None]:
+                del _done[k]
+            _done[key] = weakref.ref(qw)
+        # the program's state holds qw's tensors; q holds qw, so the record lives as long as they do
+        qw.q._turbofx_quantized = qw
+        return qw

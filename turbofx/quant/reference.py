@@ -1,0 +1,47 @@
+"""The eager reference of a quantized model: what a turbofx-compiled quantized model must equal.
+
+``dequantized_model(model, cfg, layers)`` is a copy of ``model`` whose chosen linear layers hold
+their weights quantized by ``cfg`` and dequantized back (the same numbers the kernels read), and
+whose inputs to W8A8 / FP8-dynamic layers are fake-quantized per row as the kernels quantize
+them. Nothing else changes, so it runs eagerly on any device.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+
+
+def dequantized_model(model: torch.nn.Module, cfg, layers: Iterable[str]) -> torch.nn.Module:
+    """A deep copy of ``model`` with ``layers`` (module paths of ``nn.Linear`` layers, as
+    ``Report.quantized`` names them, possibly under a wrapper's prefix) quantized by ``cfg`` and
+    dequantized in place. Raises ``QuantizationError`` for a name that is no linear layer."""
+    from turbofx.codegen.gemm import dequantize_weight
+    from turbofx.errors import QuantizationError
+    from turbofx.runtime import ops as tfx_ops
+
+    ref = copy.deepcopy(model)
+    modules = dict(ref.named_modules())
+    for name in layers:
+        mod = _find(modules, name)
+        if not isinstance(mod, torch.nn.Linear):
+            raise QuantizationError(f"dequantized_model: {name!r} is not a linear layer of {type(model).__name__}")
+        with torch.no_grad():
+            w = mod.weight
+            qw = cfg.quantize(w.detach())
+            deq = dequantize_weight(qw.q, qw.fmt, qw.scale, qw.min, w.shape[1], torch.float32).to(w.dtype)
+            mod.weight = torch.nn.Parameter(deq, requires_grad=False)  # untied: only this layer changes
+        if qw.fmt.act is not None:
+            act = qw.fmt.act
+            mod.register_forward_pre_hook(lambda m, args, act=act: (tfx_ops.quantize_rows(args[0], act), *args[1:]))
+    return ref
+
+
+def _find(modules: dict, name: str):
+    """The module called ``name``, or the one whose path ``name`` ends with / starts with a
+    wrapper's prefix of (a StaticDecoder compiles ``model.<path>``)."""
+    if name in modules:
+        return modules[name]
+    hits = [m for path, m in modules.items() if path and (name.endswith("." + path) or path.endswith("." + name))]
+    return hits[0] if len(hits) == 1 else None
