@@ -58,6 +58,13 @@ def test_int4_rtn_error_at_most_half_a_step_ragged_and_odd_k(k, group):
     assert bool((err <= _per_element_scale(qw) * (0.5 + 1e-5)).all())
 
 
+@pytest.mark.parametrize("scheme", sorted(QUANTIZERS))
+def test_empty_weights(scheme):
+    for shape in ((0, 8), (3, 0)):
+        qw = QUANTIZERS[scheme](torch.zeros(shape))
+        assert dequantize(qw).shape == shape
+
+
 def test_pack_unpack_uint4_order():
     vals = torch.tensor([[1, 2, 3, 4, 5]])
     packed = pack_uint4(vals)
@@ -338,16 +345,17 @@ def test_gguf_smollm2_linear_weights_map_exactly(smollm2):
     assert not torch.equal(dequantize(unpermuted, torch.float32), q_proj)
 
     # a model whose weights differ from the file's is caught, naming the tensor
-    v_proj = model.model.layers[2].self_attn.v_proj.weight
+    # (down_proj of layer 0: the file's first linear tensor, so the check fails fast)
+    down = model.model.layers[0].mlp.down_proj.weight
     with torch.no_grad():
-        old = v_proj[0, 0].item()
-        v_proj[0, 0] += 0.01
+        old = down[0, 0].item()
+        down[0, 0] += 0.01
     try:
-        with pytest.raises(QuantizationError, match="blk.2.attn_v.weight"):
+        with pytest.raises(QuantizationError, match="blk.0.ffn_down.weight"):
             gguf_linear_weights(path, model)
     finally:
         with torch.no_grad():
-            v_proj[0, 0] = old
+            down[0, 0] = old
 
 
 def test_gguf_corrupt_and_truncated_files(smollm2, tmp_path):

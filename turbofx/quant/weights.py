@@ -130,7 +130,7 @@ def unpack_uint4(packed: torch.Tensor, k: int) -> torch.Tensor:
     """[N, ceil(K/2)] uint8 -> [N, K] uint8 values 0..15 (k = 2j low nibble of byte j, 2j+1 high)."""
     lo = packed & 0x0F
     hi = packed >> 4
-    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)[:, :k]
+    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])[:, :k]
 
 
 def pack_uint4(values: torch.Tensor) -> torch.Tensor:
@@ -139,11 +139,6 @@ def pack_uint4(values: torch.Tensor) -> torch.Tensor:
     if v.shape[1] % 2:
         v = torch.nn.functional.pad(v, (0, 1))
     return v[:, 0::2] | (v[:, 1::2] << 4)
-
-
-def _expand_groups(t: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
-    """[N, G] per-group values -> [N, K] (each group's value repeated over its columns)."""
-    return t.repeat_interleave(group_size, dim=1)[:, :k]
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -165,10 +160,15 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float64) -> torch
         if qw.min is not None:
             out = out + qw.min.to(dtype)[:, None]
         return out
-    out = vals * _expand_groups(qw.scale.to(dtype), fmt.group_size, k)
+    # [N, G, group_size] view: each group times its own scale (+ min); a ragged K is padded
+    gs = fmt.group_size
+    groups = -(-k // gs)
+    if groups * gs != k:
+        vals = torch.nn.functional.pad(vals, (0, groups * gs - k))
+    out = vals.reshape(n, groups, gs) * qw.scale.to(dtype)[:, :, None]
     if qw.min is not None:
-        out = out + _expand_groups(qw.min.to(dtype), fmt.group_size, k)
-    return out
+        out = out + qw.min.to(dtype)[:, :, None]
+    return out.reshape(n, groups * gs)[:, :k]
 
 
 # -- quantizers -------------------------------------------------------------------------------------
@@ -325,6 +325,10 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, search: bool = True) -
     w = _check_weight(w)
     n, k = w.shape
     fmt = WeightQuant("uint4", group_size=group_size, has_min=True)
+    if n == 0 or k == 0:
+        z = torch.zeros(fmt.scale_shape(n, k), dtype=torch.float32, device=w.device)
+        return QuantizedWeight(fmt, torch.zeros(fmt.q_shape(n, k), dtype=torch.uint8, device=w.device),
+                               z, z.clone(), (n, k))
     x = w.to(_compute_dtype(w))
     full = k // group_size * group_size
     # the full groups and the ragged tail group (K % group_size columns) are two batches of
@@ -340,10 +344,6 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, search: bool = True) -
             qs.append((start, q.to(torch.uint8).reshape(q.shape[0], -1)))
             scales.append((start, s))
             mins.append((start, m))
-    if n == 0 or k == 0:
-        z = torch.zeros(fmt.scale_shape(n, k), dtype=torch.float32, device=w.device)
-        return QuantizedWeight(fmt, torch.zeros(fmt.q_shape(n, k), dtype=torch.uint8, device=w.device),
-                               z, z.clone(), (n, k))
     return QuantizedWeight(fmt, pack_uint4(_join(qs, len(parts))), _join(scales, len(parts)),
                            _join(mins, len(parts)), (n, k))
 
