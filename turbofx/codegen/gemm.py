@@ -678,11 +678,14 @@ def _emit_prologue(ops: tuple[PrologueOp, ...], operand: str, interpret: bool) -
                       *([f"    x = {_round('x', op.out_dtype, interpret)}"] if op.out_dtype else [])]
         elif isinstance(op, QuantizeRows):
             lines.append("    x = x.to(tl.float32) / rows[:, None]")
-            if op.act == "int8":  # round half away from zero, as the reference (turbofx.quant) does
-                lines += ["    x = tl.where(x >= 0.0, tl.floor(x + 0.5), tl.ceil(x - 0.5))",
+            largest = ACT_QUANT[op.act][1]
+            if op.act == "int8":  # half away from zero, exactly (floor(x + 0.5) rounds 0.49999997 up)
+                lines += ["    t = tl.where(x >= 0.0, tl.floor(x), tl.ceil(x))",
+                          "    x = tl.where(tl.abs(x - t) >= 0.5, t + tl.where(x >= 0.0, 1.0, -1.0), t)",
                           "    x = tl.minimum(tl.maximum(x, -127.0), 127.0).to(tl.int8)"]
             else:
-                lines.append(f"    x = {_cast('x', ACT_QUANT[op.act][0], interpret)}")
+                lines += [f"    x = tl.minimum(tl.maximum(x, {-largest!r}), {largest!r})",
+                          f"    x = {_cast('x', ACT_QUANT[op.act][0], interpret)}"]
         elif isinstance(op, CastOperand):
             lines.append(f"    x = {_cast('x', op.dtype, interpret)}")
         elif isinstance(op, DequantB):
@@ -1229,18 +1232,21 @@ def dequantize_weight(q: torch.Tensor, fmt: WeightQuant, scale: torch.Tensor, mi
 
 
 def quantize_rows(x: torch.Tensor, act: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, scale) of the kernels' dynamic per-row activation quantization, computed in ``dtype``
-    as they compute it in fp32: scale = max|x| / largest (1 for an all-zero row), q = x / scale
-    rounded half away from zero and clamped (int8) or cast (fp8); q returned in ``dtype``."""
+    """(q, scale) of the kernels' dynamic per-row activation quantization over the last dim,
+    computed in ``dtype`` as they compute it in fp32: scale = max|x| / largest (1 for an all-zero
+    row), v = x / scale (a division), q = v rounded half away from zero (exactly: v - trunc(v) is
+    exact) and clamped to +-127 (int8), or v clamped to +-largest and cast (fp8, nearest even).
+    q is returned in ``dtype``; ``turbofx.quant.quantize_activations`` wraps this."""
     storage, largest = ACT_QUANT[act]
     xs = x.to(dtype)
     amax = xs.abs().amax(dim=-1, keepdim=True) if xs.shape[-1] else xs.new_zeros(xs.shape[:-1] + (1,))
     scale = torch.where(amax > 0, amax / largest, torch.ones_like(amax))
     y = xs / scale
     if act == "int8":
-        q = (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp(-127, 127)
+        t = torch.trunc(y)
+        q = torch.where((y - t).abs() >= 0.5, t + torch.sign(y), t).clamp(-127, 127)
     else:
-        q = y.to(torch.float32).to(storage).to(dtype)
+        q = y.clamp(-largest, largest).to(torch.float32).to(storage).to(dtype)
     return q, scale[..., 0]
 
 

@@ -43,7 +43,24 @@ def _is_static(t) -> bool:
         return False
 
 
-def _freeze_weights(captured, example_inputs: list) -> dict:
+def _state_names(gm) -> list[str | None]:
+    """Per Dynamo graph input: the module path of the parameter or buffer it is (from Dynamo's
+    source, ``L['self']._modules['layers']._modules['0']._parameters['weight']`` ->
+    ``layers.0.weight``), or None for anything else."""
+    import re
+
+    names = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        source = getattr(n.meta.get("grapharg"), "source", None)
+        text = source.name if isinstance(getattr(source, "name", None), str) else ""
+        parts = re.findall(r"\._(modules|parameters|buffers)\['([^']+)'\]", text)
+        names.append(".".join(p for _, p in parts) if parts and parts[-1][0] != "modules" else None)
+    return names
+
+
+def _freeze_weights(captured, example_inputs: list, names: list) -> dict:
     """With quantization on, the model's parameters (call inputs at this door) become module state
     the quantize pass may replace: each placeholder fed by an ``nn.Parameter`` gets the kind
     "frozen" and its tensor as state. Returns {state key: (argument position, tensor, version)}:
@@ -51,12 +68,12 @@ def _freeze_weights(captured, example_inputs: list) -> dict:
     import torch
 
     users = [s for s in captured.inputs if s.kind == "user"]
-    if len(users) != len(example_inputs):
+    if len(users) != len(example_inputs) or len(names) != len(example_inputs):
         return {}  # AOTAutograd changed the inputs: which is a parameter is not known
     frozen = {}
     for i, (spec, t) in enumerate(zip(users, example_inputs)):
         if isinstance(t, torch.nn.Parameter):
-            spec.kind, spec.target = "frozen", f"arg{i}:{spec.name}"
+            spec.kind, spec.target = "frozen", names[i] or f"arg{i}"  # the module path: filters read it
             captured.state[spec.target] = t
             frozen[spec.target] = (i, t, t._version)
     return frozen
@@ -79,7 +96,7 @@ class _FrozenWeights:
 
         for key, (i, t, version) in self.weights.items():
             if args[i] is not t or t._version != version:
-                raise TurbofxError(f"a weight turbofx quantized when compiling ({key.split(':', 1)[1]}) was changed "
+                raise TurbofxError(f"a weight turbofx quantized when compiling ({key}) was changed "
                                    "or replaced since: its quantized copy would be used instead. Recompile after "
                                    "changing weights (torch._dynamo.reset(), then call the model again)")
         return self.program([args[x] if kind == "arg" else x for kind, x in self.plan])
@@ -96,6 +113,7 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
     import torch
 
     opts = Options.make(mode=mode, **dict(options or {}), **kwargs)
+    names = _state_names(gm)
     input_refs = [weakref.ref(t) for t in example_inputs if isinstance(t, torch.Tensor)]
     static = [_is_static(t) for t in example_inputs]
     graphs = opts.cudagraphs if opts.cudagraphs is not None else mode == "reduce-overhead"
@@ -106,7 +124,7 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
         t0 = time.perf_counter()
         try:
             captured = capture_aot_graph(fx_graph, inputs)
-            weights = _freeze_weights(captured, example_inputs) if opts.quantize is not None else {}
+            weights = _freeze_weights(captured, example_inputs, names) if opts.quantize is not None else {}
             arg_of = {s.name: i for i, s in enumerate(captured.inputs) if s.kind in ("user", "frozen")}
             constants = [captured.state[s.target] for s in captured.inputs if s.kind == "constant"]
             program, report, _, target = build(captured, opts, time.perf_counter() - t0)

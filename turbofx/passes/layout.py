@@ -237,11 +237,15 @@ def _join(ts: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
     # The joined tensor requires grad when a source did, so that a compiled call under grad mode still
     # connects its outputs to the inference-only guard (CompiledModule) as it did for the parameters.
     grad = any(t.requires_grad for t in ts)
+    from turbofx.quant.native import join_native
+
     with torch.no_grad(), unset_fake_temporarily():
         view = _adjacent(ts)
         if view is not None:
+            join_native(ts, view)  # GGUF blocks the weights came with are joined with them
             return view.requires_grad_(grad), False
         joined = torch.cat([t.detach() for t in ts], dim=0)
+        join_native(ts, joined)
         start = 0
         for t in ts:
             t.data = joined[start:start + t.shape[0]]

@@ -159,6 +159,11 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
         rec.matched.append(layer.describe())
         if not w.users:
             st.drop(w)
+    native = [r for r in rec.refused if r.code == "no-native-blocks"]
+    if native and not rec.matched:
+        raise QuantizationError(f"quantize='gguf': none of this model's {len(native)} linear weights has GGUF blocks "
+                                "attached (turbofx.quant.native.attach_gguf, done by `turbofx demo --quantize gguf` "
+                                "for a model loaded from a .gguf file); choose a scheme that quantizes (int8, int4)")
     return rec
 
 
@@ -229,7 +234,16 @@ def quantized(t: torch.Tensor, cfg):
             hit = ref() if ref is not None else None
             if hit is not None and getattr(hit, "_turbofx_fingerprint", None) == print_:
                 return hit
-        qw = cfg.quantize(t.detach())
+        if _is_native(cfg):
+            from turbofx.errors import QuantizationError
+            from turbofx.quant.native import native_of
+
+            qw = native_of(t)
+            if qw is None:
+                raise QuantizationError("no GGUF blocks are attached to this weight (turbofx.quant.native.attach_gguf)")
+            qw = qw.to(t.device)
+        else:
+            qw = cfg.quantize(t.detach())
         qw._turbofx_fingerprint = print_
         with _lock:
             for k in [k for k, r in _done.items() if r() is None]:

@@ -374,16 +374,7 @@ def quantize_activations(x: torch.Tensor, act: str) -> tuple[torch.Tensor, torch
     if x.numel() and not bool(torch.isfinite(x).all()):
         raise QuantizationError("quantize_activations: the activations hold NaN/inf; a per-row scale of them "
                                 "is meaningless")
-    dtype, largest = ACT_QUANT[act]
-    xf = x.to(torch.float32)
-    absmax = xf.abs().amax(dim=-1) if x.shape[-1] else xf.new_zeros(x.shape[:-1])
-    a_scale = absmax / torch.tensor(largest, dtype=torch.float32)
-    a_scale = torch.where(absmax > 0, a_scale, torch.ones_like(a_scale))
-    v = xf / a_scale[..., None]
-    if act == "int8":
-        # round half away from zero, exactly: v - trunc(v) is exact in fp32, whereas
-        # floor(|v| + 0.5) rounds 0.49999997 + 0.5 up to 1.0
-        t = torch.trunc(v)
-        t = torch.where((v - t).abs() >= 0.5, t + torch.sign(v), t)
-        return t.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), a_scale
-    return v.clamp_(-largest, largest).to(dtype), a_scale
+    from turbofx.codegen.gemm import quantize_rows  # the one definition the kernels follow
+
+    q, a_scale = quantize_rows(x, act, torch.float32)
+    return q.to(ACT_QUANT[act][0]), a_scale
