@@ -16,11 +16,14 @@ Rows:
 Columns: ppl; dppl% = 100 * (ppl / eager ppl - 1); weight bytes (resident weights of the compiled program,
 ``compiled.state_bytes()`` where it exists, else n/a; eager: the model's unique parameters and buffers);
 s/window (scoring time, compile excluded); compile s.
---tokens caps the tokens read from the start of the text (0 = all of it). Its default is the whole text on a
-GPU, and on CPU, where kernels run in Triton's interpreter (a 256-token window of SmolLM2 takes ~110 s there,
-a 128-token one ~40 s), 128 tokens: one window of min(--window, --tokens) tokens, so that every row fits in a
-few minutes. The full text on CPU: ``--tokens 0`` (53 windows of 256, ~1.6 h per turbofx row).
---quick: one window of 64 tokens (CI). --quantize "" runs only the eager and turbofx fp32 rows.
+--tokens caps the tokens read from the start of the text (0 = all of it); fewer tokens than --window make
+one window of --tokens. The default is the whole text on a GPU. On CPU, where kernels run in Triton's
+interpreter and one SmolLM2 forward took (2 shared cores, compile excluded) 13-54 s for 64 tokens, 31-87 s for
+128 and 54-107 s for 256, it is 64 tokens, so that all six turbofx rows finish in under 10 minutes (quantized kernels in the
+interpreter not yet timed: they did not exist when this was written).
+The full text on CPU (53 windows of 256: ~50-95 min per turbofx row):
+    python -m benchmarks.quality --tokens 0 [--quantize int8]
+--quick: one window of 64 tokens on any device (CI). --quantize "" (or none): only eager and turbofx fp32.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ from turbofx.errors import TurbofxError
 
 TEXT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "public_domain.txt"
 DEFAULT_SCHEMES = "int8,int4,w8a8,fp8,gguf"
-CPU_DEFAULT_TOKENS = 128  # one interpreter window that every row can afford (see the module docstring)
+CPU_DEFAULT_TOKENS = 64  # one interpreter window that every row can afford (see the module docstring)
 QUICK_TOKENS = 64
 
 
@@ -105,7 +108,9 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 def eager_ppl(model, windows: Windows, device) -> tuple[float, float]:
-    """Perplexity from transformers' forward with labels (its own shift), and the seconds it took."""
+    """Perplexity from transformers' forward with labels (its own shift), and the seconds it took
+    (after one untimed warm-up forward: the first call in a process pays one-off setup)."""
+    model(windows.ids[:1].to(device), use_cache=False)
     nll, t0 = 0.0, time.perf_counter()
     for w in windows.ids:
         ids = w[None].to(device)
@@ -115,6 +120,10 @@ def eager_ppl(model, windows: Windows, device) -> tuple[float, float]:
 
 
 def program_ppl(compiled, windows: Windows, device) -> tuple[float, float]:
+    """Perplexity from the compiled program's logits, and the seconds it took. On a GPU one untimed call
+    first (kernel JIT, CUDA graph capture); in the interpreter a first call costs what any call does."""
+    if device.type == "cuda":
+        compiled(windows.ids[:1].to(device), use_cache=False)
     nll, t0 = 0.0, time.perf_counter()
     for w in windows.ids:
         ids = w[None].to(device)
