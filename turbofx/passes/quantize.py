@@ -1,12 +1,14 @@
 """quantize: the weights of linear layers become quantized state, read through ``dequant_weight``.
 
 Pattern: ``mm(A, t(W))`` / ``addmm(b, A, t(W))`` (``nn.Linear``, also after the layout pass joined
-siblings), W a 2-D float state tensor (``ctx.state``) that the config's filter accepts.
+siblings), W a 2-D float state tensor (``ctx.state``) that the config's filter accepts; with
+``embeddings=True`` also ``embedding(W, ids)`` (a token table, and a LM head tied to it).
 
 Rewrite: W is quantized once, at compile time (``ctx.quant``: a ``turbofx.quant`` config, or the
 weight's own GGUF blocks for ``GGUFNative``), into new state tensors q / scale / min, and the graph
 reads ``t(dequant_weight(q, scale, min))`` where it read ``t(W)``; W's placeholder is dropped, so the
-program holds no full-precision copy. With dynamic activation quantization (W8A8, FP8 dynamic) A
+program holds no full-precision copy. An embedding lookup becomes ``dequant_rows(q, scale, min,
+ids)``: only the gathered rows are dequantized. With dynamic activation quantization (W8A8, FP8 dynamic) A
 becomes ``quantize_rows(A)``. The matmul pass then folds both into the GEMM's prologue (the kernels
 read q directly); a matmul it does not take runs the ops' references (correct, and slower: the
 report says so).
@@ -20,7 +22,7 @@ result: same values, memory held once. Refusal codes: see ``REFUSALS``.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -103,23 +105,52 @@ def _reaches_output(n: fx.Node) -> bool:
     return False
 
 
-def _refusal(n: fx.Node, a, bt: fx.Node, w: fx.Node, ctx: PassContext) -> tuple[str, str] | None:
-    st = ctx.state
-    if st.is_call_input(w):
+@dataclass
+class _Weight:
+    """A weight node and the uses the pass can rewrite: linear layers (matmul, A, transpose) and
+    embedding lookups (``aten.embedding(W, ids)``)."""
+
+    node: fx.Node
+    linears: list = field(default_factory=list)
+    embeddings: list = field(default_factory=list)
+
+
+def _is_embedding(n: fx.Node) -> bool:
+    # padding_idx, scale_grad_by_freq and sparse shape only gradients: a lookup is a row gather
+    return n.op == "call_function" and n.target is aten.embedding.default and isinstance(n.args[0], fx.Node)
+
+
+def _weights(gm: fx.GraphModule) -> list[_Weight]:
+    found: dict[fx.Node, _Weight] = {}
+    for n in gm.graph.nodes:
+        lin = _linear(n)
+        if lin is not None:
+            found.setdefault(lin[2], _Weight(lin[2])).linears.append((n, lin[0], lin[1]))
+        elif _is_embedding(n):
+            found.setdefault(n.args[0], _Weight(n.args[0])).embeddings.append(n)
+    return list(found.values())
+
+
+def _refusal(w: _Weight, ctx: PassContext) -> tuple[str, str] | None:
+    """Why this weight stays in full precision (code, detail), or None."""
+    st, cfg = ctx.state, ctx.quant
+    if st.is_call_input(w.node):
         return "weights-are-inputs", ""
-    t = st.value(w)
+    t = st.value(w.node)
     if t is None:
         return "not-state", ""
     if t.dim() != 2 or not t.dtype.is_floating_point or t.dtype == torch.float64:
         return "not-float", f"{t.dtype} {tuple(t.shape)}"
-    if len(w.users) != 1 or len(bt.users) != 1:
+    rewritable = {bt for _, _, bt in w.linears if len(bt.users) == 1} | set(w.embeddings if cfg.embeddings else ())
+    if set(w.node.users) != rewritable:
         return "weight-shared", ""
-    names = layer_names(st.key(w), ctx.layouts)
-    cfg = ctx.quant
+    names = layer_names(st.key(w.node), ctx.layouts)
+    if cfg.embeddings and cfg.filter is None:
+        return None  # everything: the embedding tables and the LM head too
     rejected = [name for name in names if not cfg.applies_to(name)]
     if rejected:
         return "filtered", ", ".join(rejected)
-    if cfg.filter is None and _reaches_output(n):
+    if cfg.filter is None and any(_reaches_output(mm) for mm, _, _ in w.linears):
         return "lm-head", ""
     return None
 
@@ -131,34 +162,36 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
     if ctx.quant is None:
         return rec
     st = ctx.state
-    for n in list(gm.graph.nodes):
-        found = _linear(n)
-        if found is None:
-            continue
-        a, bt, w = found
-        why = _refusal(n, a, bt, w, ctx)
+    replaced: set[int] = set()  # storages of the weights the program no longer reads
+    for w in _weights(gm):
+        if not w.linears and not ctx.quant.embeddings:
+            continue  # an embedding table: kept unless the config asks for embeddings
+        where = w.linears[0][0] if w.linears else w.embeddings[0]  # the node a refusal is recorded on
+        why = _refusal(w, ctx)
         if why is not None:
             code, detail = why
-            rec.refuse(n, Refusal(code, REFUSALS[code] + (f" ({detail})" if detail else "")))
+            rec.refuse(where, Refusal(code, REFUSALS[code] + (f" ({detail})" if detail else "")))
             continue
-        key = st.key(w)
+        key = st.key(w.node)
         try:
-            qw = quantized(st.value(w), ctx.quant)
+            qw = quantized(st.value(w.node), ctx.quant)
         except QuantizationError as e:
             code = "no-native-blocks" if _is_native(ctx.quant) else "quantize-failed"
-            rec.refuse(n, Refusal(code, f"{key}: {e}"))
+            rec.refuse(where, Refusal(code, f"{key}: {e}"))
             continue
         if not ctx.fuel.take(f"quantize {key} ({ctx.quant.name})"):
-            rec.refuse(n, ctx.fuel.refusal)
+            rec.refuse(where, ctx.fuel.refusal)
             continue
-        full = st.value(w)
+        full = st.value(w.node)
         layer = QuantizedLayer(key, layer_names(key, ctx.layouts), _scheme(qw), tuple(qw.shape),
                                full.numel() * full.element_size(), qw.nbytes)
-        _rewrite(gm, n, a, bt, w, key, qw, ctx)
+        _rewrite(gm, w, key, qw, ctx)
         ctx.quantized.append(layer)
-        rec.matched.append(layer.describe())
-        if not w.users:
-            st.drop(w)
+        rec.matched.append(layer.describe() + (" (embedding too)" if w.embeddings else ""))
+        if not w.node.users:
+            replaced.add(full.untyped_storage().data_ptr())
+            st.drop(w.node)
+    _drop_aliases(gm, st, replaced)
     native = [r for r in rec.refused if r.code == "no-native-blocks"]
     if native and not rec.matched:
         raise QuantizationError(f"quantize='gguf': none of this model's {len(native)} linear weights has GGUF blocks "
@@ -170,6 +203,16 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
 quantize.pass_name = "quantize"
 
 
+def _drop_aliases(gm: fx.GraphModule, st, replaced: set[int]) -> None:
+    """Drop placeholders nothing reads that hold a replaced weight's memory: torch.export keeps one
+    per name of a tied parameter (the token table under its own name, read by nothing, when the
+    LM head's name is the one used), which would keep the full-precision table in the program."""
+    for n in [n for n in gm.graph.nodes if n.op == "placeholder" and not n.users]:
+        t = st.value(n)
+        if t is not None and st.spec(n).kind == "parameter" and t.untyped_storage().data_ptr() in replaced:
+            st.drop(n)
+
+
 def _scheme(qw) -> str:
     f = qw.fmt
     return f.storage + (f"-g{f.group_size}" if f.group_size else "") + (f" x {f.act} activations" if f.act else "")
@@ -179,31 +222,46 @@ def _is_native(cfg) -> bool:
     return type(cfg).__name__ == "GGUFNative"
 
 
-def _rewrite(gm: fx.GraphModule, n: fx.Node, a, bt: fx.Node, w: fx.Node, key: str, qw, ctx: PassContext) -> None:
+def _rewrite(gm: fx.GraphModule, w: _Weight, key: str, qw, ctx: PassContext) -> None:
+    """W's state becomes q / scale / min; each linear reads ``t(dequant_weight(...))`` (its A
+    ``quantize_rows(A)`` with dynamic activations), each embedding ``dequant_rows(..., ids)``."""
     from torch._guards import detect_fake_mode
 
     from turbofx.runtime import ops as tfx_ops
 
     st = ctx.state
     g = gm.graph
-    dtype = w.meta["val"].dtype
-    q = st.add(f"{key}.q", qw.q, like=w)
+    dtype = w.node.meta["val"].dtype
+    q = st.add(f"{key}.q", qw.q, like=w.node)
     s = st.add(f"{key}.scale", qw.scale, like=q)
     m = st.add(f"{key}.min", qw.min, like=s) if qw.min is not None else None
     text = tfx_ops.quant_text(qw.fmt, dtype, int(qw.shape[1]))
-    mode = detect_fake_mode([w.meta.get("val")])
-    with g.inserting_before(bt):
-        deq = g.call_function(torch.ops.turbofx.dequant_weight.default, (q, s, m, text))
-    with mode:
-        deq.meta["val"] = torch.ops.turbofx.dequant_weight.default(q.meta["val"], s.meta["val"],
-                                                                   m.meta["val"] if m is not None else None, text)
-    bt.replace_input_with(w, deq)
-    if qw.fmt.act is not None:
-        with g.inserting_before(n):
-            fq = g.call_function(torch.ops.turbofx.quantize_rows.default, (a, qw.fmt.act))
+    mode = detect_fake_mode([w.node.meta.get("val")])
+    stored = (q, s, m)
+    fakes = tuple(x.meta["val"] if x is not None else None for x in stored)
+    for mm, a, bt in w.linears:
+        with g.inserting_before(bt):
+            deq = g.call_function(torch.ops.turbofx.dequant_weight.default, (*stored, text))
         with mode:
-            fq.meta["val"] = torch.ops.turbofx.quantize_rows.default(a.meta["val"], qw.fmt.act)
-        n.replace_input_with(a, fq)
+            deq.meta["val"] = torch.ops.turbofx.dequant_weight.default(*fakes, text)
+        bt.replace_input_with(w.node, deq)
+        if qw.fmt.act is not None:
+            with g.inserting_before(mm):
+                fq = g.call_function(torch.ops.turbofx.quantize_rows.default, (a, qw.fmt.act))
+            with mode:
+                fq.meta["val"] = torch.ops.turbofx.quantize_rows.default(a.meta["val"], qw.fmt.act)
+            mm.replace_input_with(a, fq)
+    for emb in w.embeddings:
+        ids = emb.args[1]
+        with g.inserting_before(emb):
+            rows = g.call_function(torch.ops.turbofx.dequant_rows.default, (*stored, ids, text))
+        with mode:
+            rows.meta["val"] = torch.ops.turbofx.dequant_rows.default(*fakes, ids.meta["val"], text)
+        for k in ("stack_trace", "nn_module_stack"):
+            if k in emb.meta:
+                rows.meta[k] = emb.meta[k]
+        emb.replace_all_uses_with(rows)
+        g.erase_node(emb)
 
 
 # ------------------------------------------------------------------ quantize once per tensor

@@ -36,6 +36,9 @@ class QuantConfig:
     """Base of every config. ``filter(module_name) -> bool`` chooses the linear layers (None: the
     default policy, ``default_filter``); the compiler also skips structurally-shared weights."""
     filter: Callable[[str], bool] | None = field(default=None, kw_only=True)
+    # also the token embedding tables (gathered rows dequantized) and a LM head tied to one: the
+    # largest single weights of a small model, left in full precision by default
+    embeddings: bool = field(default=False, kw_only=True)
     scheme: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
@@ -45,6 +48,9 @@ class QuantConfig:
 
     @property
     def name(self) -> str:
+        return self._base_name() + ("+emb" if self.embeddings else "")
+
+    def _base_name(self) -> str:
         return self.scheme
 
     @property
@@ -70,7 +76,7 @@ class QuantConfig:
         """A versioned plain dict. A custom filter is recorded as "custom": code cannot be stored,
         so ``config_from_json`` refuses it unless given the filter again."""
         return {"version": CONFIG_JSON_VERSION, "scheme": self.scheme, **self._fields_json(),
-                "filter": None if self.filter is None else CUSTOM_FILTER}
+                "embeddings": self.embeddings, "filter": None if self.filter is None else CUSTOM_FILTER}
 
     def __str__(self) -> str:
         return self.name
@@ -106,8 +112,7 @@ class Int4WeightOnly(QuantConfig):
         if not isinstance(self.search, bool):
             raise QuantizationError(f"Int4WeightOnly.search must be True or False, not {self.search!r}")
 
-    @property
-    def name(self) -> str:
+    def _base_name(self) -> str:
         return f"int4-g{self.group_size}" + ("" if self.search else "-rtn")
 
     @property
@@ -150,8 +155,7 @@ class Float8WeightOnly(QuantConfig):
         super().__post_init__()
         _check_fp8_storage(self, self.storage)
 
-    @property
-    def name(self) -> str:
+    def _base_name(self) -> str:
         return "fp8" if self.storage == "fp8_e4m3" else "fp8-fnuz"
 
     @property
@@ -175,8 +179,7 @@ class Float8Dynamic(QuantConfig):
         super().__post_init__()
         _check_fp8_storage(self, self.storage)
 
-    @property
-    def name(self) -> str:
+    def _base_name(self) -> str:
         return "fp8-dynamic" if self.storage == "fp8_e4m3" else "fp8-fnuz-dynamic"
 
     @property
@@ -210,7 +213,7 @@ class GGUFNative(QuantConfig):
 _CLASSES: dict[str, type[QuantConfig]] = {c.scheme: c for c in (Int8WeightOnly, Int4WeightOnly, Int8Dynamic,
                                                                  Float8WeightOnly, Float8Dynamic, GGUFNative)}
 CHOICES = ("int8", "int4", "int4-g<N> (e.g. int4-g64)", "int4-rtn / int4-g<N>-rtn (no search)", "w8a8", "fp8",
-           "fp8-dynamic", "fp8-fnuz", "fp8-fnuz-dynamic", "gguf")
+           "fp8-dynamic", "fp8-fnuz", "fp8-fnuz-dynamic", "<any of those>+emb (embeddings too)", "gguf")
 _FIXED = {"int8": Int8WeightOnly, "w8a8": Int8Dynamic, "gguf": GGUFNative,
           "fp8": lambda: Float8WeightOnly(), "fp8-dynamic": lambda: Float8Dynamic(),
           "fp8-fnuz": lambda: Float8WeightOnly(storage="fp8_e4m3fnuz"),
@@ -230,6 +233,13 @@ def parse(value: QuantConfig | str | None) -> QuantConfig | None:
     key = value.strip().lower()
     if key in ("", "none", "off"):
         return None
+    if key.endswith("+emb"):  # the embedding tables (and a tied LM head) too
+        import dataclasses
+
+        base = parse(key[:-len("+emb")])
+        if base is None or isinstance(base, GGUFNative):
+            raise QuantizationError(f"{value!r}: '+emb' follows a scheme that quantizes (e.g. int4+emb)")
+        return dataclasses.replace(base, embeddings=True)
     if key in _FIXED:
         return _FIXED[key]()
     m = _INT4.fullmatch(key)

@@ -17,9 +17,18 @@ import torch
 from turbofx.quant.weights import QuantizedWeight, cat_rows
 
 _lock = threading.Lock()
-_blocks: "weakref.WeakKeyDictionary[torch.Tensor, QuantizedWeight]" = weakref.WeakKeyDictionary()
-# joins made from a first source tensor: (ids of all sources) -> the joined blocks
-_joins: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+# id(tensor) -> (weak reference to it, its blocks). Tensors compare elementwise, so a
+# WeakKeyDictionary cannot hold them; an entry counts only while its weak reference is alive.
+_blocks: dict[int, tuple[weakref.ref, QuantizedWeight]] = {}
+# joins: ids of all sources -> (weak references to them, the joined blocks)
+_joins: dict[tuple[int, ...], tuple[list[weakref.ref], QuantizedWeight]] = {}
+
+
+def _prune() -> None:
+    for k in [k for k, (ref, _) in _blocks.items() if ref() is None]:
+        del _blocks[k]
+    for k in [k for k, (refs, _) in _joins.items() if any(r() is None for r in refs)]:
+        del _joins[k]
 
 
 def attach(tensor: torch.Tensor, qw: QuantizedWeight) -> None:
@@ -30,27 +39,33 @@ def attach(tensor: torch.Tensor, qw: QuantizedWeight) -> None:
         raise QuantizationError(f"attach: blocks of shape {tuple(qw.shape)} do not fit a weight of shape "
                                 f"{tuple(tensor.shape)}")
     with _lock:
-        _blocks[tensor] = qw
+        _prune()
+        _blocks[id(tensor)] = (weakref.ref(tensor), qw)
+
+
+def _get(tensor: torch.Tensor) -> QuantizedWeight | None:
+    entry = _blocks.get(id(tensor))
+    return entry[1] if entry is not None and entry[0]() is tensor else None
 
 
 def native_of(tensor: torch.Tensor) -> QuantizedWeight | None:
     """The blocks attached to ``tensor`` (None: it has none)."""
     with _lock:
-        return _blocks.get(tensor)
+        return _get(tensor)
 
 
 def join_native(sources: list[torch.Tensor], joined: torch.Tensor) -> None:
     """Attach to ``joined`` (``sources`` concatenated along rows) their blocks joined likewise,
     when every source has blocks of one format; a second join of the same sources reuses the first."""
     with _lock:
-        parts = [_blocks.get(t) for t in sources]
+        parts = [_get(t) for t in sources]
         if not parts or any(p is None for p in parts) or len({p.fmt for p in parts}) != 1:
             return
         key = tuple(id(t) for t in sources)
-        done = _joins.setdefault(sources[0], {})
-        if key not in done:
-            done[key] = cat_rows(parts)
-        _blocks[joined] = done[key]
+        done = _joins.get(key)
+        if done is None or any(r() is not t for r, t in zip(done[0], sources)):
+            done = _joins[key] = ([weakref.ref(t) for t in sources], cat_rows(parts))
+        _blocks[id(joined)] = (weakref.ref(joined), done[1])
 
 
 def attach_gguf(model: torch.nn.Module, path) -> list[str]:

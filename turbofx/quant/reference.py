@@ -14,9 +14,10 @@ import torch
 
 
 def dequantized_model(model: torch.nn.Module, cfg, layers: Iterable[str]) -> torch.nn.Module:
-    """A deep copy of ``model`` with ``layers`` (module paths of ``nn.Linear`` layers, as
-    ``Report.quantized`` names them, possibly under a wrapper's prefix) quantized by ``cfg`` and
-    dequantized in place. Raises ``QuantizationError`` for a name that is no linear layer."""
+    """A deep copy of ``model`` with ``layers`` (module paths of ``nn.Linear`` / ``nn.Embedding``
+    layers, as ``Report.quantized`` names them, possibly under a wrapper's prefix) quantized by
+    ``cfg`` and dequantized in place (weights tied to them, such as a LM head tied to the token
+    table, see the same numbers). Raises ``QuantizationError`` for a name that is no such layer."""
     from turbofx.codegen.gemm import dequantize_weight
     from turbofx.errors import QuantizationError
     from turbofx.runtime import ops as tfx_ops
@@ -25,16 +26,19 @@ def dequantized_model(model: torch.nn.Module, cfg, layers: Iterable[str]) -> tor
     modules = dict(ref.named_modules())
     for name in layers:
         mod = _find(modules, name)
-        if not isinstance(mod, torch.nn.Linear):
-            raise QuantizationError(f"dequantized_model: {name!r} is not a linear layer of {type(model).__name__}")
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+            raise QuantizationError(f"dequantized_model: {name!r} is not a linear or embedding layer of "
+                                    f"{type(model).__name__}")
+        w = mod.weight
         with torch.no_grad():
-            w = mod.weight
             qw = cfg.quantize(w.detach())
-            deq = dequantize_weight(qw.q, qw.fmt, qw.scale, qw.min, w.shape[1], torch.float32).to(w.dtype)
-            mod.weight = torch.nn.Parameter(deq, requires_grad=False)  # untied: only this layer changes
-        if qw.fmt.act is not None:
+            w.copy_(dequantize_weight(qw.q, qw.fmt, qw.scale, qw.min, w.shape[1], torch.float32).to(w.dtype))
+        if qw.fmt.act is not None:  # every linear layer reading this weight sees fake-quantized rows
             act = qw.fmt.act
-            mod.register_forward_pre_hook(lambda m, args, act=act: (tfx_ops.quantize_rows(args[0], act), *args[1:]))
+            for m in modules.values():
+                if isinstance(m, torch.nn.Linear) and m.weight is w:
+                    m.register_forward_pre_hook(lambda m, args, act=act: (tfx_ops.quantize_rows(args[0], act),
+                                                                          *args[1:]))
     return ref
 
 

@@ -328,3 +328,22 @@ def quantize_rows(x: torch.Tensor, act: str) -> torch.Tensor:
 @quantize_rows.register_fake
 def _(x, act):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("turbofx::dequant_rows", mutates_args=())
+def dequant_rows(q: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None, ids: torch.Tensor,
+                 spec: str) -> torch.Tensor:
+    """``embedding(dequant_weight(q, scale, min), ids)`` without the whole table: the rows of q,
+    scale and min that ``ids`` names are gathered, then dequantized ([*ids.shape, K])."""
+    from turbofx.codegen.gemm import dequantize_weight
+
+    fmt, dtype, k = quant_of(spec)
+    flat = ids.reshape(-1)
+    rows = dequantize_weight(q[flat], fmt, scale[flat], min[flat] if min is not None else None, k, torch.float32)
+    return rows.to(dtype).reshape(*ids.shape, k)
+
+
+@dequant_rows.register_fake
+def _(q, scale, min, ids, spec):
+    fmt, dtype, k = quant_of(spec)
+    return q.new_empty((*ids.shape, k), dtype=dtype)
