@@ -170,3 +170,14 @@ def test_embeddings_and_lm_head_quantized_on_request(name, scheme):
     assert (out - ref).abs().max().item() < 1e-5 * ref.abs().max().item() + 1e-6
     no_tables = turbofx.compile(model, args, kwargs, quantize=scheme.removesuffix("+emb")).state_bytes()
     assert cm.state_bytes() < no_tables  # the full-precision table left the program's state
+
+
+def test_verify_modes_accept_quantization(llama):
+    # verify="all": the passes after quantize are compared against its (quantized) results, and every
+    # generated kernel, quantized GEMMs included, against its op's reference
+    model, args, kwargs = llama
+    cm = turbofx.compile(model, args, kwargs, quantize="w8a8", verify="all")
+    rep = turbofx.explain(cm)
+    assert not rep.kernel_mismatches and len(rep.quantized) == 4 * model.config.num_hidden_layers
+    ref = _logits(_reference(model, "w8a8", rep), args, kwargs)
+    assert (_logits(cm, args, kwargs) - ref).abs().max().item() < 1e-5 * ref.abs().max().item() + 1e-6
