@@ -182,3 +182,24 @@ def test_quiet_when_not_a_terminal(capsys, monkeypatch):
     turbofx.compile(torch.nn.Softmax(-1), (torch.randn(2, 3),))
     err = capsys.readouterr().err
     assert "turbofx: compiling" not in err and "\r" not in err
+
+
+def test_quantize_flag_errors_are_one_line(capsys, tmp_path):
+    # an unknown scheme fails before any model loads; gguf on a model without a GGUF file says what to use
+    assert cli.main(["demo", "llama", "--quantize", "int3"]) == 2
+    err = capsys.readouterr().err
+    assert "turbofx: error: unknown quantization 'int3'" in err and "loading" not in err and "Traceback" not in err
+    assert cli.main(["export", "llama", "--output-dir", str(tmp_path / "a"), "--quantize", "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a model loaded from a GGUF file" in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+
+
+def test_run_checks_the_artifacts_quantization(capsys, tmp_path):
+    out = tmp_path / "art"
+    assert cli.main(["export", "llama", "--output-dir", str(out), "--quantize", "int8", "--kind", "forward"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", str(out), "--quantize", "int4", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "exported with quantize='int8', not 'int4-g128'" in err and "re-export with --quantize" in err
+    assert cli.main(["run", str(out), "--quantize", "int8", "--max-new-tokens", "2"]) == 0

@@ -221,7 +221,7 @@ def test_artifact_stores_only_the_joined_weights(tmp_path):
                  ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
     assert not keys & originals and "model.layers.0.self_attn.o_proj.weight" in keys
     meta = json.loads((out / "meta.json").read_text())
-    assert FORMAT == 4 and meta["format"] == 4 and len(meta["layouts"]) == 4
+    assert meta["format"] == FORMAT >= 4 and len(meta["layouts"]) == 4
     loaded = turbofx.load(out)
     torch.testing.assert_close(loaded(*args, **kwargs).logits, ref, rtol=1e-4, atol=1e-5)
     assert [w.name for w in turbofx.explain(loaded).layouts] == [w["name"] for w in meta["layouts"]]

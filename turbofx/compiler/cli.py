@@ -154,7 +154,15 @@ def _check_artifact_quantization(d, spec: str | None) -> None:
     if not meta_path.is_file():
         return  # load reports what is missing
     quant = read_sealed(meta_path, meta_path.parent).get("quantization")
-    have = quant["config"]["name"] if quant else None
+    have = None
+    if quant:
+        from turbofx.errors import TurbofxError
+        from turbofx.quant import config_from_json
+
+        try:
+            have = config_from_json(quant["config"]).name
+        except TurbofxError:  # made with a custom filter (not stored): its scheme
+            have = str(quant["config"].get("scheme"))
     if have != want.name:
         raise ArtifactError(f"{d} was exported with quantize={have!r}, not {want.name!r}: weights are quantized at "
                             f"export; re-export with --quantize {want.name}")
