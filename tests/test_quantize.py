@@ -181,3 +181,18 @@ def test_verify_modes_accept_quantization(llama):
     assert not rep.kernel_mismatches and len(rep.quantized) == 4 * model.config.num_hidden_layers
     ref = _logits(_reference(model, "w8a8", rep), args, kwargs)
     assert (_logits(cm, args, kwargs) - ref).abs().max().item() < 1e-5 * ref.abs().max().item() + 1e-6
+
+
+def test_quantize_once_cache_never_serves_other_values():
+    # same address, shape and dtype but new values (an in-place update, or freed memory reused by
+    # another model): the cache must not hand back the old quantized weights
+    from turbofx.passes.quantize import quantized
+
+    cfg = parse("int8")
+    w = torch.randn(16, 32)
+    first = quantized(w, cfg)
+    assert quantized(w, cfg) is first  # same tensor, same bits: reused
+    with torch.no_grad():
+        w[3, 5] += 1.0
+    second = quantized(w, cfg)
+    assert second is not first and not torch.equal(second.q, first.q)

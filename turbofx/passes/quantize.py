@@ -22,6 +22,7 @@ result: same values, memory held once. Refusal codes: see ``REFUSALS``.
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,7 +238,7 @@ def _rewrite(gm: fx.GraphModule, w: _Weight, key: str, qw, ctx: PassContext) -> 
     s = st.add(f"{key}.scale", qw.scale, like=q)
     m = st.add(f"{key}.min", qw.min, like=s) if qw.min is not None else None
     text = tfx_ops.quant_text(qw.fmt, dtype, int(qw.shape[1]))
-    mode = detect_fake_mode([w.node.meta.get("val")])
+    mode = detect_fake_mode([w.node.meta.get("val")]) or nullcontext()
     stored = (q, s, m)
     fakes = tuple(x.meta["val"] if x is not None else None for x in stored)
     for mm, a, bt in w.linears:
@@ -271,11 +272,16 @@ _lock = threading.Lock()
 _done: dict[tuple, Any] = {}  # (data_ptr, shape, stride, dtype, device, config) -> weakref to a QuantizedWeight
 
 
-def _fingerprint(t: torch.Tensor) -> int:
-    """A checksum of the tensor's exact bits (a reused address with other values never matches)."""
+def _fingerprint(t: torch.Tensor, chunk: int = 1 << 20) -> int:
+    """A position-weighted checksum of the tensor's exact bits (a reused address with other values
+    does not match), in chunks so it needs no full-size temporary."""
     bits = t.detach().contiguous().view(-1).view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
-    idx = torch.arange(bits.numel(), device=t.device, dtype=torch.int64) % 65521 + 1
-    return int((bits.to(torch.int64) * idx).sum())
+    weights = torch.arange(chunk, device=t.device, dtype=torch.int64) % 65521 + 1
+    total = 0
+    for start in range(0, bits.numel(), chunk):
+        part = bits[start:start + chunk].to(torch.int64)
+        total += int((part * weights[:part.numel()]).sum()) * (start // chunk + 1)
+    return total
 
 
 def quantized(t: torch.Tensor, cfg):
