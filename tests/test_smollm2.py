@@ -33,3 +33,26 @@ def test_greedy_tokens_equal_eager(smollm2):
     # a decoder layer: QKV with its RMSNorm | attention with RoPE and the cache write | O + residual |
     # RMSNorm + gate/up + SwiGLU | down + residual
     assert {"rmsnorm+matmul", "attention+rope+cache write", "matmul+residual", "rmsnorm+matmul+silu-glu"} <= labels
+
+
+def test_gguf_native_blocks_equal_transformers_dequantized_model(smollm2):
+    """quantize="gguf": the kernels read the file's own Q4_1 blocks (4-bit, never dequantized in
+    memory), and the logits equal transformers' model, which holds the same numbers dequantized."""
+    from turbofx.quant.native import attach_gguf
+
+    model, tok = smollm2
+    notes = attach_gguf(model, model._turbofx_gguf_file)
+    assert notes[0] == "210 linear weights keep their GGUF blocks"
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        cm = turbofx.compile(model, (ids,), {"use_cache": False}, quantize="gguf")
+        out = cm(ids, use_cache=False).logits
+    rep = turbofx.explain(cm)
+    assert len(rep.quantized) == 4 * model.config.num_hidden_layers  # QKV, O, gate+up, down: joined blocks
+    assert {q.scheme for q in rep.quantized} == {"uint4-g32"}
+    assert all(k.label.startswith(("matmul[uint4-g32]", "rmsnorm+matmul[uint4-g32]")) or k.label == "rmsnorm+matmul"
+               for k in rep.generated if k.kind == "gemm")  # the LM head (tied to the Q8_0 table) stays dense
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
+    linear_bytes = sum(q.quantized_bytes for q in rep.quantized)
+    assert linear_bytes == sum(q.full_bytes for q in rep.quantized) * 5 // 32  # Q4_1: 5 bits per weight
