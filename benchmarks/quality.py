@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from turbofx.errors import TurbofxError
 
 TEXT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "public_domain.txt"
-DEFAULT_SCHEMES = "int8,int4,int4-rtn,w8a8,fp8,fp8-dynamic,gguf"
+DEFAULT_SCHEMES = "int8,int4,int4-search,w8a8,fp8,fp8-dynamic,gguf"
 CPU_DEFAULT_TOKENS = 64  # one interpreter window that every row can afford (see the module docstring)
 QUICK_TOKENS = 64
 

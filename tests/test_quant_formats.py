@@ -228,7 +228,8 @@ def test_quantized_weight_checks_its_shapes():
 
 @pytest.mark.parametrize("text,cls,name", [
     ("int8", Int8WeightOnly, "int8"), ("INT4", Int4WeightOnly, "int4-g128"), ("int4-g64", Int4WeightOnly, "int4-g64"),
-    ("int4-g32-rtn", Int4WeightOnly, "int4-g32-rtn"), ("W8A8", Int8Dynamic, "w8a8"), ("fp8", Float8WeightOnly, "fp8"),
+    ("int4-g32-rtn", Int4WeightOnly, "int4-g32"), ("int4-search", Int4WeightOnly, "int4-g128-search"),
+    ("W8A8", Int8Dynamic, "w8a8"), ("fp8", Float8WeightOnly, "fp8"),
     ("fp8-dynamic", Float8Dynamic, "fp8-dynamic"), (" gguf ", GGUFNative, "gguf"),
     ("fp8-fnuz", Float8WeightOnly, "fp8-fnuz")])
 def test_parse_accepts(text, cls, name):
