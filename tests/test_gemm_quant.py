@@ -91,6 +91,7 @@ CASES = [  # (format, M, dtype, config, spec fields)
     (W8A8, 40, torch.bfloat16, _TILED, dict(has_bias=True, residual=True, eager_rounding=True)),
     (FP8, 3, torch.bfloat16, None, dict(has_bias=True)),
     (FP8, 40, torch.float32, _TILED, {}),
+    (WeightQuant("fp8_e4m3", 32), 3, torch.bfloat16, None, dict(residual=True)),  # fp8 with group scales
     (FP8_DYN, 1, torch.float16, None, dict(residual=True)),
     (FP8_DYN, 33, torch.float32, _TILED, dict(swiglu=True, activation="silu")),
 ]

@@ -231,7 +231,7 @@ def test_quantized_weight_checks_its_shapes():
     ("int4-g32-rtn", Int4WeightOnly, "int4-g32"), ("int4-search", Int4WeightOnly, "int4-g128-search"),
     ("W8A8", Int8Dynamic, "w8a8"), ("fp8", Float8WeightOnly, "fp8"),
     ("fp8-dynamic", Float8Dynamic, "fp8-dynamic"), (" gguf ", GGUFNative, "gguf"),
-    ("fp8-fnuz", Float8WeightOnly, "fp8-fnuz")])
+    ("fp8-fnuz", Float8WeightOnly, "fp8-fnuz"), ("fp8-g32", Float8WeightOnly, "fp8-g32")])
 def test_parse_accepts(text, cls, name):
     config = parse(text)
     assert type(config) is cls and config.name == name and config.filter is None
@@ -379,3 +379,16 @@ def test_gguf_without_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
     with pytest.raises(QuantizationError, match="pip install gguf"):
         quant_gguf.gguf_linear_weights("x.gguf", torch.nn.Linear(2, 2))
+
+
+def test_fp8_group_scales_bound_the_error_per_group():
+    from turbofx.quant import quantize_fp8
+
+    w = torch.randn(8, 70) * torch.logspace(-3, 1, 70)  # columns of very different sizes
+    qw = quantize_fp8(w, group_size=32)
+    assert qw.fmt.group_size == 32 and tuple(qw.scale.shape) == (8, 3)
+    err = (dequantize(qw) - w.double()).abs()
+    group_max = torch.nn.functional.pad(w.abs(), (0, 26)).reshape(8, 3, 32).amax(-1).repeat_interleave(32, 1)[:, :70]
+    assert bool((err <= group_max.double() * 2 ** -4 + 1e-12).all())  # relative to each group's own range
+    per_row = quantize_fp8(w)
+    assert (dequantize(per_row) - w.double()).pow(2).sum() > err.pow(2).sum()

@@ -151,26 +151,30 @@ def _check_fp8_storage(config: QuantConfig, storage: object) -> None:
 
 @dataclass(frozen=True)
 class Float8WeightOnly(QuantConfig):
-    """fp8 (e4m3) weights, one scale per output row; activations stay in the model's dtype."""
+    """fp8 (e4m3) weights, one scale per output row, or per ``group_size`` columns of a row (finer
+    scales, dequantized in the prologue); activations stay in the model's dtype."""
     storage: str = "fp8_e4m3"
+    group_size: int = 0
     scheme: ClassVar[str] = "fp8"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_fp8_storage(self, self.storage)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
+            raise QuantizationError(f"Float8WeightOnly.group_size must be a whole number >= 0, not {self.group_size!r}")
 
     def _base_name(self) -> str:
-        return "fp8" if self.storage == "fp8_e4m3" else "fp8-fnuz"
+        return ("fp8" if self.storage == "fp8_e4m3" else "fp8-fnuz") + (f"-g{self.group_size}" if self.group_size else "")
 
     @property
     def fmt(self) -> WeightQuant:
-        return WeightQuant(self.storage)
+        return WeightQuant(self.storage, group_size=self.group_size)
 
     def quantize(self, w: torch.Tensor) -> QuantizedWeight:
-        return quantize_fp8(w, self.storage)
+        return quantize_fp8(w, self.storage, group_size=self.group_size)
 
     def _fields_json(self) -> dict[str, Any]:
-        return {"storage": self.storage}
+        return {"storage": self.storage, "group_size": self.group_size}
 
 
 @dataclass(frozen=True)
@@ -217,12 +221,13 @@ class GGUFNative(QuantConfig):
 _CLASSES: dict[str, type[QuantConfig]] = {c.scheme: c for c in (Int8WeightOnly, Int4WeightOnly, Int8Dynamic,
                                                                  Float8WeightOnly, Float8Dynamic, GGUFNative)}
 CHOICES = ("int8", "int4", "int4-g<N> (e.g. int4-g64)", "int4-search / int4-g<N>-search (weight-error search)",
-           "w8a8", "fp8",
+           "w8a8", "fp8", "fp8-g<N> (group scales)",
            "fp8-dynamic", "fp8-fnuz", "fp8-fnuz-dynamic", "<any of those>+emb (embeddings too)", "gguf")
 _FIXED = {"int8": Int8WeightOnly, "w8a8": Int8Dynamic, "gguf": GGUFNative,
           "fp8": lambda: Float8WeightOnly(), "fp8-dynamic": lambda: Float8Dynamic(),
           "fp8-fnuz": lambda: Float8WeightOnly(storage="fp8_e4m3fnuz"),
           "fp8-fnuz-dynamic": lambda: Float8Dynamic(storage="fp8_e4m3fnuz")}
+_FP8_GROUPS = re.compile(r"fp8(-fnuz)?-g(\d+)")
 _INT4 = re.compile(r"int4(?:-g(\d+))?(-rtn|-search)?")
 
 
@@ -247,6 +252,9 @@ def parse(value: QuantConfig | str | None) -> QuantConfig | None:
         return dataclasses.replace(base, embeddings=True)
     if key in _FIXED:
         return _FIXED[key]()
+    m = _FP8_GROUPS.fullmatch(key)
+    if m:
+        return Float8WeightOnly(storage="fp8_e4m3fnuz" if m.group(1) else "fp8_e4m3", group_size=int(m.group(2)))
     m = _INT4.fullmatch(key)
     if m:
         group = int(m.group(1)) if m.group(1) else 128

@@ -215,11 +215,18 @@ def quantize_int8(w: torch.Tensor, act: str | None = None) -> QuantizedWeight:
     return QuantizedWeight(WeightQuant("int8", act=act), q, scale, None, (w.shape[0], w.shape[1]))
 
 
-def quantize_fp8(w: torch.Tensor, storage: str = "fp8_e4m3", act: str | None = None) -> QuantizedWeight:
+def quantize_fp8(w: torch.Tensor, storage: str = "fp8_e4m3", act: str | None = None,
+                 group_size: int = 0) -> QuantizedWeight:
     """Per-row fp8: scale[n] = max|w[n, :]| / largest (448 e4m3fn, 240 e4m3fnuz), q = (w / scale)
     cast to the fp8 dtype (round-to-nearest-even; clamped first so a rounding of w / scale just
     past largest cannot become NaN). Relative error <= 2^-4 for normal fp8 values.
-    ``act``: the activation format for FP8 dynamic (must equal ``storage``)."""
+    ``act``: the activation format for FP8 dynamic (must equal ``storage``). ``group_size`` > 0:
+    one scale per group of that many columns instead (weight-only: the scales vary along K)."""
+    if group_size:
+        if act is not None:
+            raise QuantizationError("fp8 with group scales is weight-only: dynamic activations need per-row "
+                                    "weight scales (group_size=0)")
+        return _quantize_fp8_groups(w, storage, group_size)
     if storage not in FP8_LARGEST:
         raise QuantizationError(f"fp8 storage must be one of {sorted(FP8_LARGEST)}, not {storage!r}")
     if act is not None and act != storage:
@@ -232,6 +239,23 @@ def quantize_fp8(w: torch.Tensor, storage: str = "fp8_e4m3", act: str | None = N
     fmt = WeightQuant(storage, act=act)
     q = (x / scale.to(cdt)[:, None]).clamp_(-largest, largest).to(fmt.dtype)
     return QuantizedWeight(fmt, q, scale, None, (w.shape[0], w.shape[1]))
+
+
+def _quantize_fp8_groups(w: torch.Tensor, storage: str, group_size: int) -> QuantizedWeight:
+    if storage not in FP8_LARGEST:
+        raise QuantizationError(f"fp8 storage must be one of {sorted(FP8_LARGEST)}, not {storage!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise QuantizationError(f"fp8 group_size must be a whole number >= 1, not {group_size!r}")
+    w = _check_weight(w)
+    n, k = w.shape
+    largest = FP8_LARGEST[storage]
+    fmt = WeightQuant(storage, group_size=group_size)
+    x = w.to(_compute_dtype(w))
+    groups = -(-k // group_size)
+    padded = torch.nn.functional.pad(x, (0, groups * group_size - k)).reshape(n, groups, group_size)
+    scale = _safe_scale(padded.abs().amax(dim=-1) if k else x.new_zeros(n, 0), largest)
+    q = (padded / scale.to(x.dtype)[..., None]).clamp_(-largest, largest).reshape(n, -1)[:, :k].to(fmt.dtype)
+    return QuantizedWeight(fmt, q.contiguous(), scale, None, (n, k))
 
 
 def _int4_candidate(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
