@@ -42,7 +42,8 @@ def test_gguf_native_blocks_equal_transformers_dequantized_model(smollm2):
 
     model, tok = smollm2
     notes = attach_gguf(model, model._turbofx_gguf_file)
-    assert notes[0] == "210 linear weights keep their GGUF blocks"
+    assert notes[0].endswith(": 210 linear weights keep their GGUF blocks")
+    assert any("token_embd.weight (Q8_0)" in n for n in notes)  # the tied table: not a linear layer
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
@@ -50,6 +51,7 @@ def test_gguf_native_blocks_equal_transformers_dequantized_model(smollm2):
         out = cm(ids, use_cache=False).logits
     rep = turbofx.explain(cm)
     assert len(rep.quantized) == 4 * model.config.num_hidden_layers  # QKV, O, gate+up, down: joined blocks
+    assert "token_embd.weight (Q8_0)" in str(rep)  # explain says what stayed dequantized, and why
     assert {q.scheme for q in rep.quantized} == {"uint4-g32"}
     assert all(k.label.startswith(("matmul[uint4-g32]", "rmsnorm+matmul[uint4-g32]")) or k.label == "rmsnorm+matmul"
                for k in rep.generated if k.kind == "gemm")  # the LM head (tied to the Q8_0 table) stays dense

@@ -120,6 +120,7 @@ class Report:
     layouts: list = field(default_factory=list)  # passes.layout.WeightLayout: weights joined into one
     quantization: Any = None  # the turbofx.quant config applied (None: none)
     quantized: list = field(default_factory=list)  # passes.quantize.QuantizedLayer: weights quantized
+    quant_notes: list = field(default_factory=list)  # e.g. GGUF tensors dequantized on load, and why
 
     def refusal_of(self, node: str) -> Refusal | None:
         """Why a pass (or verify=kernels) did not take this node: the last refusal recorded for it;
@@ -168,6 +169,7 @@ class Report:
             lines.append(f"  (+{len(self.layouts) - 4} more layouts: Report.layouts)")
         if self.quantization is not None:
             lines.append("  " + quantization_summary(self))
+            lines += [f"    {note}" for note in self.quant_notes]
         if self.rewrite_budget is not None:
             spent = ", budget spent: later rewrites skipped" if self.budget_exhausted else ""
             lines.append(f"  rewrites: {len(self.rewrites)} made of max_rewrites={self.rewrite_budget}{spent}")
@@ -225,6 +227,10 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
     lowered.program["layouts"] = [w.to_json() for w in ctx.layouts]  # weights the layout pass joined
     report.layouts = list(ctx.layouts)
     report.quantization, report.quantized = opts.quantize, list(ctx.quantized)
+    if type(opts.quantize).__name__ == "GGUFNative":  # what the GGUF files left dequantized on load
+        from turbofx.quant.native import notes
+
+        report.quant_notes = notes()
     if opts.quantize is not None:
         lowered.program["quantization"] = {"config": opts.quantize.to_json(),
                                            "layers": [asdict(q) for q in ctx.quantized]}

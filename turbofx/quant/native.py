@@ -68,13 +68,28 @@ def join_native(sources: list[torch.Tensor], joined: torch.Tensor) -> None:
         _blocks[id(joined)] = (weakref.ref(joined), done[1])
 
 
+_notes: list[str] = []  # what the files attached so far left dequantized, and why (for explain)
+
+
+def notes() -> list[str]:
+    with _lock:
+        return list(_notes)
+
+
 def attach_gguf(model: torch.nn.Module, path) -> list[str]:
     """Attach ``path``'s quantized linear-layer blocks to ``model``'s parameters (each verified to
-    dequantize to the parameter exactly). Returns notes: tensors left dequantized, and why."""
+    dequantize to the parameter exactly). Returns notes: tensors left dequantized, and why (also
+    listed by ``explain`` of programs compiled with ``quantize="gguf"``)."""
+    import pathlib
+
     from turbofx.quant.gguf import gguf_linear_weights
 
-    weights, notes = gguf_linear_weights(path, model)
+    weights, left = gguf_linear_weights(path, model)
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, qw in weights.items():
         attach(params[name], qw)
-    return [f"{len(weights)} linear weights keep their GGUF blocks"] + list(notes)
+    said = [f"{pathlib.Path(path).name}: {len(weights)} linear weights keep their GGUF blocks"] + \
+        [f"{pathlib.Path(path).name}: {n}" for n in left]
+    with _lock:
+        _notes[:] = [n for n in _notes if n not in said] + said
+    return said
