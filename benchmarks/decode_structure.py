@@ -28,6 +28,7 @@ from __future__ import annotations
 import turbofx  # noqa: F401  (first: switches Triton's interpreter on before triton is imported)
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -127,14 +128,9 @@ def quantized_decode_cost(config: dict, layers: int, batch: int, cache_len: int,
 
 def _compiled_cost(config: dict, layers: int, batch: int, cache_len: int, dtype, device: torch.device,
                    scheme: str | None) -> tuple[roofline.ProgramCost, list]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from turbofx.compiler.generation import StaticDecoder
 
-    cfg = LlamaConfig(**{**config, "num_hidden_layers": layers})
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model = _model(tuple(sorted(config.items())), layers, dtype, str(device))
     dec = StaticDecoder(model, batch, cache_len).eval()
     args = (torch.zeros(batch, 1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device),
             torch.ones(batch, cache_len, dtype=torch.long, device=device),
@@ -143,6 +139,18 @@ def _compiled_cost(config: dict, layers: int, batch: int, cache_len: int, dtype,
         compiled = turbofx.compile(dec, args, target="cpu-interpret", cudagraphs=False, quantize=scheme)
     cost = roofline.profile(compiled, *args)
     return cost, list(turbofx.explain(compiled).quantized)
+
+
+@functools.lru_cache(maxsize=2)  # the 1- and 2-layer models of one config, shared by every scheme
+def _model(config: tuple, layers: int, dtype, device: str) -> torch.nn.Module:
+    """A Llama-family model of ``config`` with ``layers`` layers (random weights unless on meta).
+    Compiling, quantizing included, reads the weights and never changes them, so schemes share it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**dict(config), "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
 def _layer_gemm_bytes(one: roofline.ProgramCost, two: roofline.ProgramCost) -> int:
