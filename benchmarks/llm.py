@@ -2,6 +2,7 @@
 
     python -m benchmarks.llm [--quick] [--json PATH] [--plot PATH] [--device cuda|cpu] [--dtype bf16|fp16|fp32]
         [--config MODEL_TYPE[:JSON]] [--batches 1,8,32] [--ctx 512,1024] [--prefill-len 2048] [--fresh-caches]
+        [--quantize [SCHEMES]] [--quant-batches 1]
 
 Contestants: eager; eager+cudagraph (a decode step captured with torch.cuda.graph over static inputs);
 turbofx (decode: turbofx.compile(StaticDecoder(...)), the program owns the KV cache; prefill: turbofx.compile(
@@ -18,6 +19,15 @@ tokens + causal attention) vs a torch.mm peak measured in this run, compile s (f
 process) and warm compile (again: after torch._dynamo.reset() for Inductor; a second turbofx.compile, kernel
 cache on disk), peak memory. A failure is recorded in its row and never stops the others; the JSON is rewritten
 after every row. On CPU the CUDA graph contestants are "skipped: no CUDA".
+Quantized decode (--quantize, no value: int8,int4,w8a8,fp8; or a comma list of turbofx.quant names such as
+int4-g64, int4+emb, fp8-dynamic): one more contestant per scheme, "turbofx[SCHEME]" (turbofx.compile(...,
+quantize=SCHEME) on the same weights), run right after turbofx on the decode workloads of --quant-batches
+(default 1) and on prefill. Each is checked against the eager model with the same quantized weights
+dequantized (turbofx.quant.reference), not against the unquantized eager one; its decode bytes per step
+count the quantized weights; its row records the program's resident state bytes (compiled.state_bytes(),
+also for the turbofx row) and its time as a ratio of turbofx's unquantized time on the same workload
+(project goals: int8 <= 0.55x, int4 <= 0.35x decode; prefill <= 1.1x). A scheme the target cannot run
+(FP8 below sm89) is a "refused" row with the reason, not a failure.
 """
 from __future__ import annotations
 
@@ -37,7 +47,39 @@ RO = "inductor-reduce-overhead"
 CONTESTANTS = ("eager", "eager+cudagraph", "turbofx", "inductor", "inductor+cudagraph", RO)
 NEEDS_CUDA = ("eager+cudagraph", "inductor+cudagraph", RO)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUANT_DEFAULT = "int8,int4,w8a8,fp8"
+# project goals, as ratios of turbofx's unquantized time on the same workload (lower is better)
+DECODE_GOALS = {"int8": 0.55, "int4": 0.35}  # by the scheme's family: int4-g64, int4+emb, ... count as int4
+PREFILL_GOAL = 1.1
 CG_LOGS = [f"torch._inductor.cudagraph_utils.__{n}" for n in ("cudagraphs", "perf_hints")]  # "skipping cudagraphs"
+
+
+def quant_contestant(scheme: str) -> str:
+    return f"turbofx[{scheme}]"
+
+
+def scheme_of(name: str) -> str | None:
+    """The quantization scheme of a "turbofx[SCHEME]" contestant, else None."""
+    return name[len("turbofx["):-1] if name.startswith("turbofx[") and name.endswith("]") else None
+
+
+def decode_goal(scheme: str) -> float | None:
+    family = scheme.split("+")[0].split("-")[0]  # int4-g64+emb -> int4
+    return DECODE_GOALS.get(family)
+
+
+def scheme_refusal(scheme: str, target) -> str | None:
+    """Why ``target`` cannot run ``scheme`` (turbofx's own refusal text), or None: the check
+    turbofx.compile makes before any work, so a refused scheme costs nothing."""
+    from turbofx.compiler.driver import check_quantization
+    from turbofx.errors import QuantizationError
+    from turbofx.quant import parse
+
+    try:
+        check_quantization(parse(scheme), target)
+    except QuantizationError as e:
+        return str(e)
+    return None
 
 
 def make_config(spec: str | None, device: torch.device):
@@ -160,9 +202,9 @@ def build(name: str, wl: Workload, built: dict):
     """The contestant's step for this workload, called once (so compiled); `built` keeps compiled fns."""
     if name.startswith("eager"):
         fn = wl.module
-    elif name == "turbofx":
+    elif name == "turbofx" or scheme_of(name):
         import turbofx
-        fn = turbofx.compile(wl.module, wl.args, wl.kwargs)
+        fn = turbofx.compile(wl.module, wl.args, wl.kwargs, quantize=scheme_of(name))
     elif name == "inductor+cudagraph" and "inductor" in built:
         fn = built["inductor"]  # capture the inductor row's compiled step, no second compile
     else:
@@ -201,6 +243,17 @@ def run_one(name: str, wl: Workload, ref, args, state: dict) -> tuple[dict, torc
     if name in NEEDS_CUDA and not cuda or name.endswith("+cudagraph") and wl.kind != "decode":
         rep.update(status="skipped", reason="no CUDA" if not cuda else "decode only")
         return rep, None
+    scheme = scheme_of(name)
+    if scheme and wl.kind == "decode" and wl.spec["batch"] not in args.quant_batches:
+        rep.update(status="skipped", reason=f"quantized rows run at decode batch {args.quant_batches} (--quant-batches)")
+        return rep, None
+    if scheme:
+        from turbofx.codegen.target import detect
+        why = scheme_refusal(scheme, detect(dev))
+        if why is not None:
+            rep.update(status="refused", reason=why)
+            print(f"[{wl.name}] {name}: refused: {why}", file=sys.stderr, flush=True)
+            return rep, None
     out = step = None
     grab, skips = logging.handlers.BufferingHandler(10_000), 0
     try:
@@ -221,17 +274,23 @@ def run_one(name: str, wl: Workload, ref, args, state: dict) -> tuple[dict, torc
         sync(dev)
         rep["compile_s"] = time.perf_counter() - t0  # first call, compile (and capture) included
         rep["ms"] = time_ms(step, dev, args.warmup, args.iters, args.inner if wl.kind == "decode" else 1)
-        if name == "turbofx":
-            explain(state["built"]["turbofx"], rep)
+        if name == "turbofx" or scheme:
+            explain(state["built"][name], rep)
+            rep["state_bytes"] = state["built"][name].state_bytes()
         if cuda:
             rep["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
             rep["extra_mib"] = rep["peak_mib"] - base / 2**20
+        if scheme:  # checked against eager with the same quantized weights (dequantized), after the peak
+            if ref is not None:  # how far quantization itself moved the logits: information, not a check
+                rep["max_abs_err_vs_unquantized"] = (out.float() - ref.float()).abs().max().item()
+            ref = quantized_reference(wl, scheme, state["built"][name])
         rep["status"] = "ok"
         if ref is not None:  # loose sanity check against eager: catches garbage, not rounding
             err = (out.float() - ref.float()).abs().max().item()
             rep["max_abs_err"], rep["rel_err"] = err, err / max(ref.float().abs().max().item(), 1e-6)
             if not rep["rel_err"] < 0.1:
-                rep["status"], rep["reason"] = "mismatch", f"max abs err {err:.3g} vs eager (rel {rep['rel_err']:.3g})"
+                what = "eager with the same quantized weights" if scheme else "eager"
+                rep["status"], rep["reason"] = "mismatch", f"max abs err {err:.3g} vs {what} (rel {rep['rel_err']:.3g})"
         if name == RO and counters["inductor"]["cudagraph_skips"] > skips:
             rep["status"] = "cudagraphs-skipped"
             rep["reason"] = "; ".join(r.getMessage() for r in grab.buffer)[:300] or "inductor counted a cudagraph skip"
@@ -257,8 +316,37 @@ def explain(cm, rep: dict) -> None:
                           "stage_seconds": dict(report.stage_seconds),  # graph replay is on by default on GPUs:
                           "graph_replays": getattr(getattr(cm, "_runner", None), "replays", None),
                           "runtime_notes": list(getattr(report, "runtime_notes", []))[-5:]}
+        if report.quantized:  # the weights the quantize pass took, bytes before and after
+            rep["quantized"] = {"scheme": report.quantization.name, "weights": len(report.quantized),
+                                "full_bytes": sum(q.full_bytes for q in report.quantized),
+                                "quantized_bytes": sum(q.quantized_bytes for q in report.quantized)}
     except Exception as e:  # the benchmark still runs; the failure is recorded
         rep["explain_error"] = f"{type(e).__name__}: {e}"[:300]
+
+
+def quantized_reference(wl: Workload, scheme: str, cm) -> torch.Tensor:
+    """Logits of the eager workload module whose quantized layers (those the compiled program
+    quantized) hold the same quantized weights, dequantized: what the quantized program must equal."""
+    import turbofx
+    from turbofx.quant import parse
+    from turbofx.quant.reference import dequantized_model
+
+    layers = [n for q in turbofx.explain(cm).quantized for n in q.layers]
+    if wl.kind == "decode":  # a fresh StaticDecoder: after a capture the workload's cache layers hold traced
+        from turbofx.compiler.generation import StaticDecoder  # tensors, which cannot be deep-copied
+
+        src = wl.module
+        ref_module = StaticDecoder(dequantized_model(src.model, parse(scheme), layers), wl.spec["batch"],
+                                   src.get_buffer("key_cache_0").shape[2]).eval()
+        mine = dict(src.named_buffers(recurse=False))
+        for name, buf in ref_module.named_buffers(recurse=False):  # the same cache contents (and lengths)
+            buf.copy_(mine[name])
+    else:
+        ref_module = dequantized_model(wl.module, parse(scheme), layers)
+    try:
+        return logits_of(ref_module(*wl.args, **wl.kwargs)).clone()
+    finally:
+        del ref_module
 
 
 def run_child(args, meta: dict, specs: list[dict]) -> list[dict]:
@@ -316,7 +404,7 @@ def add_metrics(results: list[dict], facts: dict, probes: dict | None) -> None:
         if r["kind"] == "decode":
             r["ms_per_token"], r["tokens_per_s"] = ms, b * 1e3 / ms
             kv_read = 2 * f["layers"] * b * f["kv_heads"] * f["head_dim"] * (n + 1)  # keys and values, ctx + new token
-            r["bytes_per_step"] = (f["matmul_params"] + kv_read) * f["elt"]
+            r["bytes_per_step"] = weight_bytes(r, f) + kv_read * f["elt"]
             if probes:
                 r["roofline_pct"] = 100 * r["bytes_per_step"] / probes["copy_gbps"] / 1e6 / ms
         else:
@@ -330,9 +418,19 @@ def add_metrics(results: list[dict], facts: dict, probes: dict | None) -> None:
         for other in ("eager", "inductor"):
             if r.get("ms") and base.get(other):
                 r[f"vs_{other}"] = base[other] / r["ms"]
+        if scheme_of(r["contestant"]) and r.get("ms") and base.get("turbofx"):  # a time ratio: lower is better
+            r["time_vs_turbofx"] = r["ms"] / base["turbofx"]
 
 
-def table(results: list[dict], compiles: dict) -> str:
+def weight_bytes(r: dict, facts: dict) -> int:
+    """Weight bytes one decode step reads: every matmul weight once, the quantized ones (a quantized
+    row's explain record) at their stored size."""
+    full = facts["matmul_params"] * facts["elt"]
+    q = r.get("quantized")  # (with +emb and an untied table, the table counts here though only rows are read)
+    return full - q["full_bytes"] + q["quantized_bytes"] if q else full
+
+
+def table(results: list[dict], compiles: dict, interpreter: bool = False) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
     lines = ["| workload | contestant | ms/step | tokens/s | roofline | vs eager | vs inductor | compile s "
@@ -354,7 +452,39 @@ def table(results: list[dict], compiles: dict) -> str:
              + "; ".join(r["turbofx"]["runtime_notes"])[:200] for r in results
              if r.get("turbofx") and (r["turbofx"]["graph_replays"] is not None or r["turbofx"]["runtime_notes"])]
     lines += ["", "failures:"] + errors if errors else []
+    lines += quant_table(results, interpreter)
     return "\n".join(lines + (["", "turbofx runtime:"] + notes if notes else []))
+
+
+def quant_table(results: list[dict], interpreter: bool = False) -> list[str]:
+    """Quantized rows next to turbofx unquantized on each workload: time ratio (lower is better)
+    against the project goal, weight bytes a decode step reads, resident state bytes. On the CPU
+    (Triton's interpreter) the times say nothing of GPU speed: the goal column says so."""
+    rows = [r for r in results if r["contestant"] == "turbofx" or scheme_of(r["contestant"])]
+    if not any(scheme_of(r["contestant"]) for r in rows):
+        return []
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    base = {r["workload"]: r for r in rows if r["contestant"] == "turbofx"}
+    lines = ["", "quantized turbofx vs turbofx unquantized, same weights and inputs (time ratio: lower is better; "
+             f"goals: decode {', '.join(f'{k} <= {v}x' for k, v in DECODE_GOALS.items())}, prefill <= {PREFILL_GOAL}x)",
+             "| workload | contestant | ms/step | x turbofx | goal | weights read MB | state MiB | x turbofx state "
+             "| rel err | status |", "|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        scheme, b = scheme_of(r["contestant"]), base.get(r["workload"], {})
+        goal = (PREFILL_GOAL if r["kind"] == "prefill" else decode_goal(scheme)) if scheme else None
+        ratio = r.get("time_vs_turbofx")
+        verdict = ("-" if goal is None else f"<= {goal}x " + ("n/a (interpreter)" if interpreter else "?" if ratio is None
+                                                             else "met" if ratio <= goal else "missed"))
+        state, bstate = r.get("state_bytes"), b.get("state_bytes")
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')[:100]}"
+        cells = [r["workload"], r["contestant"], f(r.get("ms"), ".3f"), "1.00" if not scheme and r.get("ms") else
+                 f(ratio, ".2f"), verdict, f(r.get("bytes_per_step") and r["bytes_per_step"] / 1e6, ".1f"),
+                 f(state and state / 2**20, ".1f"), f(state / bstate if state and bstate else None, ".2f"),
+                 f(r.get("rel_err"), ".1e"), status.replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -402,6 +532,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--contestants", default=",".join(CONTESTANTS))
     p.add_argument("--child-timeout", type=int, help=f"seconds for the {RO} child; default 900 (quick 120)")
     p.add_argument("--fresh-caches", action="store_true", help="empty Inductor/Triton/turbofx caches: cold is cold")
+    p.add_argument("--quantize", nargs="?", const=QUANT_DEFAULT, metavar="SCHEMES",
+                   help=f"also turbofx with quantized weights, one row per scheme (a comma list of turbofx.quant "
+                        f"names; without a value: {QUANT_DEFAULT})")
+    p.add_argument("--quant-batches", default="1", help="decode batch sizes the quantized rows run at (default 1)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     cuda = a.device.startswith("cuda")
@@ -413,7 +547,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
     a.inner = a.inner or ((5 if a.quick else 10) if cuda else 1)
     a.child_timeout = a.child_timeout or (120 if a.quick else 900)
+    a.quantize = list(dict.fromkeys(x.strip() for x in (a.quantize or "").split(",") if x.strip()))
+    a.quant_batches = [int(x) for x in a.quant_batches.split(",")]
     return a
+
+
+def contestant_names(args) -> list[str]:
+    """--contestants in order, the quantized rows right after turbofx (or at the end without it)."""
+    names = [n for n in args.contestants.split(",") if n]
+    quant = [quant_contestant(s) for s in args.quantize]
+    at = names.index("turbofx") + 1 if "turbofx" in names else len(names)
+    return names[:at] + quant + names[at:]
 
 
 def load_model(args):
@@ -444,7 +588,7 @@ def load_model(args):
 
 def run_all(args, model, vocab: int, specs: list[dict], meta: dict, results: list[dict], dump) -> None:
     """Every in-process contestant on every workload, then the reduce-overhead child."""
-    names = [n for n in args.contestants.split(",") if n]
+    names = contestant_names(args)
     here = [n for n in names if n != RO or args.child]
     gen, filled, state = torch.Generator().manual_seed(0), {}, {"built": {}, "compile": meta["compile"]}
     for sp in specs:
@@ -483,12 +627,25 @@ def main(argv=None) -> int:
         import turbofx  # noqa: F401
     except Exception:
         traceback.print_exc()  # the turbofx and decode rows will record the error
+    if args.quantize:  # a misspelt scheme stops here, before any model is built
+        from turbofx.errors import QuantizationError
+        from turbofx.quant import parse
+        try:
+            for scheme in args.quantize:
+                parse(scheme)
+        except QuantizationError as e:
+            print(f"error: --quantize: {e}", file=sys.stderr)
+            return 2
     model, vocab, meta = load_model(args)
+    meta["quantize"] = args.quantize
     kinds = args.workloads.split(",")
     specs = [spec("decode", b, c) for c in args.ctx for b in args.batches if "decode" in kinds]
     specs += [spec("prefill", 1, args.prefill_len)] if "prefill" in kinds else []
     results: list[dict] = []
-    order = {(sp["workload"], c): i for i, (sp, c) in enumerate((sp, c) for sp in specs for c in CONTESTANTS)}
+    at = CONTESTANTS.index("turbofx") + 1  # rows sort in CONTESTANTS order, the quantized ones after turbofx
+    everyone = list(dict.fromkeys([*CONTESTANTS[:at], *map(quant_contestant, args.quantize), *CONTESTANTS[at:],
+                                   *contestant_names(args)]))
+    order = {(sp["workload"], c): i for i, (sp, c) in enumerate((sp, c) for sp in specs for c in everyone)}
 
     def dump() -> None:
         results.sort(key=lambda r: order.get((r["workload"], r["contestant"]), len(order)))
@@ -520,7 +677,7 @@ def report(args, meta: dict, results: list[dict]) -> None:
     print(f"device: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  transformers "
           f"{meta['transformers']}  dtype {args.dtype}  params {meta['params'] / 1e6:.1f}M  copy "
           f"{pr.get('copy_gbps', 0):.0f} GB/s  mm {pr.get('mm_tflops', 0):.3g} TFLOP/s  iters {args.iters}\n")
-    text = table(results, meta["compile"])
+    text = table(results, meta["compile"], interpreter=args.dev.type != "cuda")
     print(text)
     if args.json:
         with open(os.path.splitext(args.json)[0] + ".md", "w") as fh:

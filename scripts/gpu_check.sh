@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine does it all. Call it through the device tool from the repo root:
 #   command "bash scripts/gpu_check.sh", timeout_s 540
-# The whole script stops starting steps after $GPU_CHECK_BUDGET seconds (default 450, < 8 min): each
+# The whole script stops starting steps after $GPU_CHECK_BUDGET seconds (default 465, < 8 min): each
 # step's timeout is cut to what is left, and `timeout -k 10` kills a step that ignores SIGTERM, so
 # one stuck step cannot eat the later ones (a GPU machine gives 15 minutes in all, start included).
-# Step budgets: env 20 + pytest 115 + bench 110 + attention 70 + decode_step 45 + gemm 60 + compile_time 30
-# = 450 s. Each step's timeout is cut to what is left of $GPU_CHECK_BUDGET (kill grace included, since
-# `left` is measured), so the whole script ends by BUDGET + 10 s kill grace = 460 s < 8 min.
+# Step budgets: env 15 + pytest 95 + pytest_quant 60 + bench 80 + bench_quant 120 + attention 35
+# + decode_step 20 + gemm 25 + compile_time 15 = 465 s. Each step's timeout is cut to what is left of
+# $GPU_CHECK_BUDGET (kill grace included, since `left` is measured), so the whole script ends by
+# BUDGET + 10 s kill grace = 475 s < 8 min. (Budgets are estimates: no GPU has run this script yet.)
 # The machine has torch 2.11 / triton 3.6 / transformers 5.17 / Python 3.12, no network, and the repo
 # is NOT pip-installed: PYTHONPATH=$PWD, and the `torch_dynamo_backends` entry point is missing, so
 # code must `import turbofx` before torch.compile(..., backend="turbofx").
-# Everything lands in $OUT: env.txt, pytest_gpu.txt, junit.xml, bench.{txt,json}, attention.{txt,json},
-# decode_step.{txt,json}, gemm.{txt,json}, compile_time.{txt,json}, summary.txt.
+# Everything lands in $OUT: env.txt, pytest_gpu.txt, junit.xml, pytest_quant.txt, junit_quant.xml,
+# bench.{txt,json,md}, bench_quant.{txt,json,md}, attention.{txt,json}, decode_step.{txt,json},
+# gemm.{txt,json}, compile_time.{txt,json}, summary.txt.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
-BUDGET=${GPU_CHECK_BUDGET:-450}
+BUDGET=${GPU_CHECK_BUDGET:-465}
 : > "$OUT/summary.txt"
 step() {  # step NAME SECONDS CMD...: run under a timeout, tee into $OUT/NAME.txt, record the exit status
   local name=$1 secs=$2; shift 2
@@ -31,29 +33,44 @@ step() {  # step NAME SECONDS CMD...: run under a timeout, tee into $OUT/NAME.tx
   echo "$name rc=$rc ($((SECONDS - t0)) s)$( { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && echo ' TIMED OUT')" \
     | tee -a "$OUT/summary.txt"
 }
-step env 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+step env 15 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch,triton,transformers,sys;print(sys.version.split()[0],torch.__version__,triton.__version__,transformers.__version__)"
   python3 -c "import turbofx; from turbofx.codegen.target import detect; print(\"turbofx from\", turbofx.__file__, \"->\", detect().describe())"'
-# 1. GPU tests (budget 115 s); no -x: see every GPU failure in one run; junit + slowest 30 in $OUT
-step pytest_gpu 115 python3 -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/junit.xml" --durations=30 tests
-# 2. Side-by-side benchmark (budget 110 s). Trimmed to fit: a 4-layer Llama-1B-shaped model (per-layer
+# 1. GPU tests (budget 95 s); no -x: see every GPU failure in one run; junit + slowest 30 in $OUT
+step pytest_gpu 95 python3 -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/junit.xml" --durations=30 tests
+# 1b. Quantization tests with CUDA tensors (budget 60 s): these files run on the CPU interpreter in CI and
+#     put their tensors on the GPU when there is one (tests/helpers.kernel_device): every quantized storage's
+#     GEMM against the fp64 dequantizing reference (FP8 too: sm90), compiled quantized models against the
+#     eager model with the same weights dequantized, through every door
+step pytest_quant 60 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUT/junit_quant.xml" --durations=15 \
+     tests/test_gemm_quant.py tests/test_quantize.py
+# 2. Side-by-side benchmark (budget 80 s). Trimmed to fit: a 4-layer Llama-1B-shaped model (per-layer
 #    costs as in the 16-layer one, a quarter of the compile time), decode batch 1 and 32 at ctx 512 +
 #    prefill 2048; contestants eager, eager+cudagraph, turbofx, inductor. Left out here (run by hand,
 #    `python3 -m benchmarks.llm --quick`): the 16 layers, inductor+cudagraph, and the
 #    inductor-reduce-overhead child (alone up to 120 s).
-echo "bench: TRIMMED to fit 110 s: 4 of 16 layers; contestants eager,eager+cudagraph,turbofx,inductor" \
+echo "bench: TRIMMED to fit 80 s: 4 of 16 layers; contestants eager,eager+cudagraph,turbofx,inductor" \
      "(no inductor+cudagraph, no reduce-overhead child)" | tee -a "$OUT/summary.txt"
-step bench 110 python3 -m benchmarks.llm --quick --config 'llama:{"num_hidden_layers": 4}' \
+step bench 80 python3 -m benchmarks.llm --quick --config 'llama:{"num_hidden_layers": 4}' \
      --contestants eager,eager+cudagraph,turbofx,inductor --json "$OUT/bench.json"
+# 2a. Quantized decode (budget 120 s): the full 16-layer Llama-3.2-1B shape (with fewer layers the bf16 LM
+#     head's share of the bytes would hide what quantization saves), decode batch 1 at 512 cached tokens and
+#     prefill 2048: turbofx bf16, then one row per scheme (time ratio vs turbofx bf16 against the goals
+#     int8 <= 0.55x, int4 <= 0.35x, prefill <= 1.1x; resident state bytes; checked against the eager model
+#     with the same weights dequantized), then Inductor; eager is the reference. int4+emb (LM head too) last:
+#     the modelled 1B decode (benchmarks/decode_structure.py --quantize) needs it for the int4 goal.
+#     JSON after every row: a timeout leaves the rows done.
+step bench_quant 120 python3 -m benchmarks.llm --quick --batches 1 --ctx 512 --iters 5 --warmup 2 \
+     --contestants eager,turbofx,inductor --quantize int8,int4,w8a8,fp8,int4+emb --json "$OUT/bench_quant.json"
 # 2b. Attention kernel: turbofx vs SDPA flash / cuDNN, prefill TFLOP/s and decode TB/s, the kernel timed
-#     by itself (budget 70 s; the script skips remaining workloads after --budget seconds and writes
+#     by itself (budget 35 s; the script skips remaining workloads after --budget seconds and writes
 #     JSON after every row)
-step attention 70 python3 -m benchmarks.attention --quick --budget 48 --json "$OUT/attention.json"
-# 2c. One decode step (rope + cache write + attention): fused vs unfused turbofx vs eager vs Inductor (45 s)
-step decode_step 45 python3 -m benchmarks.decode_step --quick --json "$OUT/decode_step.json"
-# 2d. GEMM family vs torch.mm (budget 60 s): Llama-1B then 8B projections, decode M 1/16 (GB/s, % HBM)
-#     and prefill M 2048 (TFLOP/s); JSON after every workload, later ones "skipped" after --budget 45 s
-step gemm 60 python3 -m benchmarks.gemm --quick --budget 45 --json "$OUT/gemm.json"
-# 3. Compile-time breakdown (budget 30 s)
-step compile_time 30 python3 -m benchmarks.compile_time --json "$OUT/compile_time.json"
+step attention 35 python3 -m benchmarks.attention --quick --budget 25 --json "$OUT/attention.json"
+# 2c. One decode step (rope + cache write + attention): fused vs unfused turbofx vs eager vs Inductor (20 s)
+step decode_step 20 python3 -m benchmarks.decode_step --quick --json "$OUT/decode_step.json"
+# 2d. GEMM family vs torch.mm (budget 25 s): Llama-1B then 8B projections, decode M 1/16 (GB/s, % HBM)
+#     and prefill M 2048 (TFLOP/s); JSON after every workload, later ones "skipped" after --budget 15 s
+step gemm 25 python3 -m benchmarks.gemm --quick --budget 15 --json "$OUT/gemm.json"
+# 3. Compile-time breakdown (budget 15 s): 8 of the 8B shape's 32 layers to fit (per-layer costs as in 32)
+step compile_time 15 python3 -m benchmarks.compile_time --layers 8 --json "$OUT/compile_time.json"
 echo "=== summary ($SECONDS s of ${BUDGET} s)"; cat "$OUT/summary.txt"

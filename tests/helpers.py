@@ -62,3 +62,14 @@ class Fn(torch.nn.Module):
 
     def forward(self, *xs):
         return self.fn(*xs)
+
+
+def kernel_device() -> torch.device:
+    """Where a test that should also run on a GPU machine puts its tensors: the GPU when there is
+    one and Triton's interpreter is off (CPU tensors need the interpreter, which ``import turbofx``
+    switches on only without a GPU), else the CPU. Call after ``import turbofx``."""
+    import os
+
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return torch.device("cuda")
+    return torch.device("cpu")

@@ -3,7 +3,9 @@
 Numerics as tests/test_gemm.py: max |out - ref| <= 2 * max |torch_out - ref| + one ulp of max
 |ref|, where ref dequantizes (and, for ``act``, quantizes A) in fp64 and torch_out is
 ``gemm_reference`` in the spec's dtypes (dequantized in fp32 and rounded, as the kernels do).
-Shapes are ragged (N, K not multiples of any block; odd K for packed uint4).
+Shapes are ragged (N, K not multiples of any block; odd K for packed uint4). Tensors are made on the
+CPU (seeded) and moved to ``DEVICE``: the GPU on a GPU machine (scripts/gpu_check.sh runs this file
+there), else the CPU interpreter; ``gemm`` takes its target from the tensors' device.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ import turbofx  # noqa: F401  (turns on the interpreter before triton is importe
 from turbofx.codegen.gemm import (GemmConfig, GemmInputError, GemmSpec, RmsNorm, WeightQuant, dequantize_weight, gemm,
                                   gemm_reference, label, quant_refusal, quantize_rows, render)
 from turbofx.codegen.target import Target
+from tests.helpers import kernel_device
+
+DEVICE = kernel_device()
 
 INT8 = WeightQuant("int8")
 INT8_G = WeightQuant("int8", 32)  # GGUF Q8_0
@@ -36,7 +41,7 @@ def _stored(fmt: WeightQuant, n: int, k: int, seed: int = 0):
         q = (torch.randn(n, k, generator=g) * 40).to(fmt.dtype)
     scale = torch.rand(fmt.scale_shape(n, k), generator=g) * 0.02 + 1e-3
     mins = torch.randn(fmt.scale_shape(n, k), generator=g) * 0.05 if fmt.has_min else None
-    return q, scale, mins
+    return q.to(DEVICE), scale.to(DEVICE), None if mins is None else mins.to(DEVICE)
 
 
 def _ideal(spec: GemmSpec) -> GemmSpec:
@@ -48,15 +53,15 @@ def _check(fmt, m, dtype, n=38, k=75, config=None, **fields):
     q, scale, mins = _stored(fmt, n, k)
     spec = GemmSpec(dtype, b_dtype=fmt.dtype, weight=fmt, **fields)
     g = torch.Generator().manual_seed(1)
-    a = torch.randn(m, k, generator=g).to(spec.a_type)
+    a = torch.randn(m, k, generator=g).to(DEVICE, spec.a_type)
     n_out = n // 2 if spec.swiglu else n
     extra = {}
     if spec.has_bias:
-        extra["bias"] = torch.randn(n, generator=g).to(dtype)
+        extra["bias"] = torch.randn(n, generator=g).to(DEVICE, dtype)
     if spec.residual:
-        extra["residual"] = torch.randn(m, n_out, generator=g).to(dtype)
+        extra["residual"] = torch.randn(m, n_out, generator=g).to(DEVICE, dtype)
     if spec.norm is not None:
-        extra["norm_weight"] = torch.randn(k, generator=g).to(dtype)
+        extra["norm_weight"] = torch.randn(k, generator=g).to(DEVICE, dtype)
     out = gemm(a, q, spec, config=config, b_scale=scale, b_min=mins, **extra)
     wide = {name: t.double() for name, t in extra.items()}
     ideal = _ideal(spec)
@@ -126,8 +131,8 @@ def test_activation_quantization_rounds_half_away_and_keeps_zero_rows():
 
 def test_all_zero_activation_row_gives_zero_not_nan():
     q, scale, _ = _stored(W8A8, 8, 32)
-    a = torch.zeros(3, 32)
-    a[1] = torch.randn(32)
+    a = torch.zeros(3, 32, device=DEVICE)
+    a[1] = torch.randn(32, device=DEVICE)
     out = gemm(a, q, GemmSpec(torch.float32, b_dtype=torch.int8, weight=W8A8), b_scale=scale)
     assert out[0].eq(0).all() and out[2].eq(0).all() and out[1].ne(0).any()
 
@@ -153,7 +158,7 @@ def test_fp8_refused_on_targets_without_fp8():
 def test_bad_quantized_operands_are_clear_errors():
     q, scale, mins = _stored(U4_MIN, 8, 64)
     spec = GemmSpec(torch.float32, b_dtype=torch.uint8, weight=U4_MIN)
-    a = torch.randn(2, 64)
+    a = torch.randn(2, 64, device=DEVICE)
     with pytest.raises(GemmInputError, match="b_min"):
         gemm(a, q, spec, b_scale=scale)
     with pytest.raises(GemmInputError, match="shape"):
@@ -171,4 +176,4 @@ def test_bad_quantized_operands_are_clear_errors():
     with pytest.raises(GemmInputError, match="norm"):
         GemmSpec(torch.float32, b_dtype=torch.int8, weight=W8A8, norm=RmsNorm(1e-5))
     with pytest.raises(GemmInputError, match="not quantized"):
-        gemm(a, torch.randn(8, 64), GemmSpec(torch.float32), b_scale=scale)
+        gemm(a, torch.randn(8, 64, device=DEVICE), GemmSpec(torch.float32), b_scale=scale)

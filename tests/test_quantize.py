@@ -1,6 +1,8 @@
 """Quantization through the compiler (passes/quantize.py + the GEMM family's quantized variants):
 a compiled quantized model equals the eager model whose weights are the same quantized numbers,
-dequantized (``turbofx.quant.reference.dequantized_model``), through every door."""
+dequantized (``turbofx.quant.reference.dequantized_model``), through every door. Models and inputs
+live on ``DEVICE``: the GPU on a GPU machine (scripts/gpu_check.sh runs this file there), else the
+CPU interpreter."""
 from __future__ import annotations
 
 import pytest
@@ -11,15 +13,22 @@ from turbofx.compiler.models import example_inputs, make_tiny_model
 from turbofx.errors import QuantizationError, TurbofxError
 from turbofx.quant import Int4WeightOnly, Int8WeightOnly, parse
 from turbofx.quant.reference import dequantized_model
+from tests.helpers import kernel_device
+
+DEVICE = kernel_device()
 
 SCHEMES = ["int8", "int4-g32", "w8a8", "fp8", "fp8-dynamic"]
 
 
 @pytest.fixture(scope="module")
 def llama():
-    model = make_tiny_model("llama")
-    args, kwargs = example_inputs("llama", seq=5)
-    return model, args, kwargs
+    return _on_device("llama")
+
+
+def _on_device(name: str):
+    model = make_tiny_model(name).to(DEVICE)
+    (ids,), kwargs = example_inputs(name, seq=5)
+    return model, (ids.to(DEVICE),), kwargs
 
 
 def _reference(model, scheme, report):
@@ -83,7 +92,7 @@ def test_quantizing_twice_shares_one_copy(llama):
 
 def test_generate_quantized_equals_eager_dequantized_greedy(llama):
     model = llama[0]
-    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     res = turbofx.generate(model, ids, 5, quantize="int4-g32")
     rep = res.reports["decode"]
     ref = turbofx.generate(_reference(model, "int4-g32", rep), ids, 5, compile=False)
@@ -156,8 +165,7 @@ def test_fp8_is_refused_on_a_gpu_without_it():
 @pytest.mark.parametrize("name, scheme", [("llama", "int4-g32+emb"), ("gemma", "w8a8+emb")])
 def test_embeddings_and_lm_head_quantized_on_request(name, scheme):
     # gemma ties its LM head to the token table: one quantized tensor serves the lookup and the matmul
-    model = make_tiny_model(name)
-    args, kwargs = example_inputs(name, seq=5)
+    model, args, kwargs = _on_device(name)
     cm = turbofx.compile(model, args, kwargs, quantize=scheme)
     rep = turbofx.explain(cm)
     tied = model.config.tie_word_embeddings

@@ -108,7 +108,7 @@ class ExternFamily(family.Family):
             w, idx = args[0], args[1]
             rows = sum(map(_footprint, outs))
             return StepCost(es.op, "extern", ledger.reads([w], rows) + ledger.reads([idx]), rows, 0, 1)
-        if es.op == "turbofx::dequant_rows":  # a quantized gather: only the named rows of q / scale / min are read
+        if es.op == "turbofx::dequant_rows.default":  # a quantized gather: only the named rows of q / scale / min are read
             tables, idx = [t for t in args[:3] if isinstance(t, torch.Tensor)], args[3]
             share = idx.numel() / max(tables[0].shape[0], 1)
             read = sum(ledger.reads([t], int(_footprint(t) * share)) for t in tables)
