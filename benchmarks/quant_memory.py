@@ -1,7 +1,7 @@
 """Memory per quantization scheme: resident weight bytes, artifact size and peak RSS of compiling.
 
     python -m benchmarks.quant_memory [--quick] [--json PATH] [--dtype bf16,fp32]
-        [--schemes none,int8,int4,int4+emb,w8a8,fp8,gguf] [--timeout 1800] [--jobs 1]
+        [--schemes none,int8,int4,int4+emb,w8a8,fp8,gguf] [--timeout 1800] [--jobs 1] [--mmap-threshold 0]
 
 Model: SmolLM2-135M-Instruct with its real weights (``turbofx.compiler.models.load_smollm2(dtype)``);
 --quick: the tiny random Llama (``make_tiny_model("llama")``, seconds, for CI). Example input: 8 token ids,
@@ -31,6 +31,10 @@ Columns:
                loaded kernels, graphs; a full-precision copy kept alongside quantized weights would show up
                here as a jump over the "none" row's extra)
   peak MB      peak RSS during attach + compile (VmHWM since the reset);  compile s: attach + compile
+Peaks and glibc: freed temporaries (per-weight quantization buffers) may stay in malloc's arenas, so with glibc's
+defaults the peak of the same row varies between runs (seen: 1.3 vs 3.0 GB for fp32 w8a8) and says more about the
+allocator than about what is live; --mmap-threshold 131072 makes large blocks go back to the OS when freed (peaks
+then track live memory; RSS after compile is measured after malloc_trim either way).
 A scheme turbofx refuses is a row "not available: <reason>"; anything else that fails is "error: <reason>".
 MB = 10^6 bytes. The JSON (--json) holds every number in bytes, plus the workers' notes.
 """
@@ -255,11 +259,13 @@ def measure_row(model_name: str, dtype_name: str, scheme: str) -> Measurement:
 
 # -- the driver: one subprocess per row, the table ---------------------------------------------------
 
-def run_row(model_name: str, dtype_name: str, scheme: str, timeout: float) -> Measurement:
+def run_row(model_name: str, dtype_name: str, scheme: str, timeout: float, mmap_threshold: int = 0) -> Measurement:
     with tempfile.TemporaryDirectory(prefix="tfx-qmem-row-") as tmp:
         result = pathlib.Path(tmp) / "row.json"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        if mmap_threshold:  # glibc: blocks this large are mmapped and unmapped when freed, never kept in arenas
+            env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
         cmd = [sys.executable, "-m", "benchmarks.quant_memory", "--worker", "--model", model_name,
                "--dtype", dtype_name, "--scheme", scheme, "--result", str(result)]
         try:
@@ -349,6 +355,9 @@ def main(argv=None) -> Result:
     ap.add_argument("--in-process", action="store_true",
                     help="measure every row in this process (CI: saves a process start per row; RSS and peaks "
                          "then include the earlier rows' leftovers, so only the byte counts are per row)")
+    ap.add_argument("--mmap-threshold", type=int, default=0,
+                    help="set MALLOC_MMAP_THRESHOLD_ (bytes) in the workers, e.g. 131072: freed temporaries are then "
+                         "given back at once, so peaks show live memory; 0 (default): glibc as users run it")
     ap.add_argument("--jobs", type=int, default=1,
                     help="rows measured at once (each its own process, so peaks stay per row; times do not)")
     a = ap.parse_args(argv)
@@ -360,7 +369,8 @@ def main(argv=None) -> Result:
     model_name = "llama" if a.quick else "smollm2"
     result = Result(meta={"model": model_name, "prompt_tokens": PROMPT_TOKENS, "dtypes": dtypes, "schemes": schemes,
                           "torch": torch.__version__, "baseline": list(BASELINE), "mb": 10**6,
-                          "fresh_process_per_row": not a.in_process})
+                          "fresh_process_per_row": not a.in_process,
+                          "malloc_mmap_threshold": a.mmap_threshold or "glibc default"})
     how = "all rows in one process (RSS and peaks not per row)" if a.in_process else "one fresh process per row"
     print(f"# quantization memory: {model_name}, {PROMPT_TOKENS}-token prompt, {how}", flush=True)
     print(HEADER, flush=True)
@@ -369,7 +379,7 @@ def main(argv=None) -> Result:
         measured = (measure_row(model_name, *cell) for cell in cells)
     else:
         pool = ThreadPoolExecutor(max_workers=max(1, a.jobs))  # threads only wait on the worker processes
-        measured = pool.map(lambda cell: run_row(model_name, *cell, a.timeout), cells)
+        measured = pool.map(lambda cell: run_row(model_name, *cell, a.timeout, a.mmap_threshold), cells)
     for r in measured:
         result.rows.append(r)
         print(line(result, r), flush=True)

@@ -57,3 +57,20 @@ def test_quick_rows(tmp_path, capsys):
     out = turbofx.export(model, (quant_memory.example_ids(model),), {"use_cache": False},
                          output_dir=tmp_path / "a", quantize="int4")
     assert (out / "weights.safetensors").stat().st_size == int4.weights_file_bytes
+
+
+def test_fingerprint_in_chunks_equals_one_pass():
+    """The quantize pass's weight fingerprint is taken in chunks (bounded temporaries: one pass cost ~40
+    bytes per element of peak memory, +680 MB for SmolLM2's embedding); the value must not change."""
+    from turbofx.passes.quantize import _fingerprint
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float8_e4m3fn):
+        t = (torch.randn(37, 29, generator=gen) * 3).to(dtype)
+        bits = t.view(-1).view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+        one_pass = int((bits.to(torch.int64) * (torch.arange(bits.numel()) % 65521 + 1)).sum())
+        assert _fingerprint(t, chunk=100) == _fingerprint(t, chunk=7) == _fingerprint(t) == one_pass
+    t = torch.randn(8, 8, generator=gen)
+    u = t.clone()
+    u[3, 5] = torch.nextafter(u[3, 5], torch.tensor(float("inf")))  # one bit of one value
+    assert _fingerprint(t, chunk=5) != _fingerprint(u, chunk=5)
