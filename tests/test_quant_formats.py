@@ -392,3 +392,23 @@ def test_fp8_group_scales_bound_the_error_per_group():
     assert bool((err <= group_max.double() * 2 ** -4 + 1e-12).all())  # relative to each group's own range
     per_row = quantize_fp8(w)
     assert (dequantize(per_row) - w.double()).pow(2).sum() > err.pow(2).sum()
+
+
+def test_joined_native_blocks_are_held_once():
+    # the layout pass joins q/k/v weights; their attached blocks are joined too and each source's
+    # entry becomes a view of the joined blocks (no second copy stays alive)
+    from turbofx.quant import quantize_int4
+    from turbofx.quant.native import attach, join_native, native_of
+
+    ws = [torch.randn(8, 64), torch.randn(4, 64)]
+    for w in ws:
+        attach(w, quantize_int4(w, 32))
+    before = [dequantize(native_of(w)) for w in ws]
+    joined = torch.cat(ws)
+    join_native(ws, joined)
+    big = native_of(joined)
+    assert big.shape == (12, 64) and torch.equal(dequantize(big), torch.cat(before))
+    for w, ref in zip(ws, before):
+        part = native_of(w)
+        assert part.q.untyped_storage().data_ptr() == big.q.untyped_storage().data_ptr()
+        assert torch.equal(dequantize(part), ref)

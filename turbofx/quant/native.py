@@ -65,7 +65,20 @@ def join_native(sources: list[torch.Tensor], joined: torch.Tensor) -> None:
         done = _joins.get(key)
         if done is None or any(r() is not t for r, t in zip(done[0], sources)):
             done = _joins[key] = ([weakref.ref(t) for t in sources], cat_rows(parts))
+            # each source's blocks become row views of the joined ones, so the blocks are held once
+            # (as the layout pass re-points the weights themselves at rows of the joined weight)
+            start = 0
+            for t, p in zip(sources, parts):
+                rows = p.shape[0]
+                _blocks[id(t)] = (weakref.ref(t), _row_view(done[1], start, start + rows))
+                start += rows
         _blocks[id(joined)] = (weakref.ref(joined), done[1])
+
+
+def _row_view(qw: QuantizedWeight, start: int, end: int) -> QuantizedWeight:
+    """Rows start:end of ``qw``, every tensor a view of qw's."""
+    return QuantizedWeight(qw.fmt, qw.q[start:end], qw.scale[start:end],
+                           qw.min[start:end] if qw.min is not None else None, (end - start, qw.shape[1]))
 
 
 _notes: list[str] = []  # what the files attached so far left dequantized, and why (for explain)
