@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from turbofx.errors import TurbofxError
+from turbofx.quant import GGUFNative
 
 TEXT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "public_domain.txt"
 DEFAULT_SCHEMES = "int8,int4,int4-search,w8a8,fp8,fp8-dynamic,gguf"
@@ -148,9 +149,6 @@ def state_bytes(compiled) -> int | None:
 def short(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:400] if lines else ''}"
-
-
-from turbofx.quant import GGUFNative  # noqa: E402
 
 
 def turbofx_row(model, windows: Windows, device, scheme: str | None, reference: float) -> Row:
