@@ -204,3 +204,12 @@ def test_quantize_once_cache_never_serves_other_values():
         w[3, 5] += 1.0
     second = quantized(w, cfg)
     assert second is not first and not torch.equal(second.q, first.q)
+
+
+def test_demo_with_quantize_compares_against_the_same_quantized_weights(capsys):
+    from turbofx.compiler import cli
+
+    assert cli.main(["demo", "llama", "--quantize", "int4-g32", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "same tokens as eager greedy with the same int4-g32 weights (dequantized): True" in out
+    assert "quantization int4-g32: 8 weights" in out

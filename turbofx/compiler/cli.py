@@ -208,8 +208,21 @@ def cmd_demo(a) -> int:
     if eos is not None and (eos if isinstance(eos, int) else None) in tfx_tokens:  # HF stops at EOS too
         tfx_tokens = tfx_tokens[: tfx_tokens.index(eos) + 1]
     print("\nanswer (turbofx):", _decode(tok, tfx_tokens))
+    what = "eager greedy"
+    if quant is not None and quant.name != "gguf":  # the reference: eager on the same quantized weights
+        from turbofx.quant.reference import dequantized_model
+
+        layers = [name for q in res.reports["decode"].quantized for name in q.layers]
+        with torch.no_grad():
+            ref = dequantized_model(model, quant, layers).generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens, do_sample=False,
+                pad_token_id=eos[0] if isinstance(eos, list) else eos)
+        full_precision = eager_tokens
+        eager_tokens = ref[0, ids.shape[1]:].tolist()
+        what = f"eager greedy with the same {quant.name} weights (dequantized)"
+        print(f"answer (eager, full precision): {_decode(tok, full_precision)}")
     same = tfx_tokens == eager_tokens
-    print(f"same tokens as eager greedy: {same}" + ("" if same else f"\n  eager: {_decode(tok, eager_tokens)}"))
+    print(f"same tokens as {what}: {same}" + ("" if same else f"\n  eager: {_decode(tok, eager_tokens)}"))
     print("\n[decode step]")
     print(res.reports["decode"])
     print(f"[prefill] steps: {res.reports['prefill'].counts()}")
