@@ -5,6 +5,8 @@ live on ``DEVICE``: the GPU on a GPU machine (scripts/gpu_check.sh runs this fil
 CPU interpreter."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -213,3 +215,17 @@ def test_demo_with_quantize_compares_against_the_same_quantized_weights(capsys):
     out = capsys.readouterr().out
     assert "same tokens as eager greedy with the same int4-g32 weights (dequantized): True" in out
     assert "quantization int4-g32: 8 weights" in out
+
+
+def test_generation_artifact_keeps_the_quantized_weights(llama, tmp_path):
+    # prefill and decode programs share one set of quantized tensors (prefill reads decode's)
+    from turbofx.compiler.generation import export_generation, load_generation
+
+    model = llama[0]
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
+    export_generation(model, ids, tmp_path / "gen", max_cache_len=64, quantize="int4-g32")
+    res = load_generation(tmp_path / "gen").generate(ids, 4)
+    live = turbofx.generate(model, ids, 4, quantize="int4-g32")
+    assert res.new_tokens.tolist() == live.new_tokens.tolist()
+    meta = json.loads((tmp_path / "gen" / "decode" / "meta.json").read_text())
+    assert meta["quantization"]["config"]["scheme"] == "int4" and len(meta["quantization"]["layers"]) == 8

@@ -54,7 +54,9 @@ def _state_names(gm) -> list[str | None]:
         if n.op != "placeholder":
             continue
         source = getattr(n.meta.get("grapharg"), "source", None)
-        text = source.name if isinstance(getattr(source, "name", None), str) else ""
+        name = getattr(source, "name", None)
+        text = name() if callable(name) else name  # a method in older torch, a property in newer
+        text = text if isinstance(text, str) else ""
         parts = re.findall(r"\._(modules|parameters|buffers)\['([^']+)'\]", text)
         names.append(".".join(p for _, p in parts) if parts and parts[-1][0] != "modules" else None)
     return names
