@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Union
 
@@ -757,8 +758,7 @@ def _emit_group_scales(f: WeightQuant, layout: str) -> list[str]:
     view, bcast, back = (("(x.shape[0], BLOCK_K // G, G)", "[:, :, None]", "(x.shape[0], BLOCK_K)") if nk else
                          ("(BLOCK_K // G, G, x.shape[1])", "[:, None, :]", "(BLOCK_K, x.shape[2])"))
     one = "[:, None]" if nk else "[None, :]"
-    lines = [f"    G: tl.constexpr = {g}",
-             "    if BLOCK_K % G == 0:",
+    lines = ["    if BLOCK_K % G == 0:",
              "        kg = k0 // G + tl.arange(0, BLOCK_K // G)",
              f"        g_ok = {n_ok} & ({kg} * G < k_end)",
              f"        at = {n_} * sqn + {kg} * sqk",
@@ -777,7 +777,8 @@ def _emit_group_scales(f: WeightQuant, layout: str) -> list[str]:
               "        x = x * tl.load(QS + at, mask=mask, other=0.0).to(tl.float32)"]
     if f.has_min:
         lines.append("        x = x + tl.load(QM + at, mask=mask, other=0.0).to(tl.float32)")
-    return lines
+    # G written as the literal group size (no local constexpr assignment: older Tritons lack it)
+    return [re.sub(r"\bG\b", str(g), line) for line in lines]
 
 
 def _emit_scale_acc(op: ScaleAcc | None) -> list[str]:
