@@ -86,16 +86,20 @@ def test_verify_leaves_example_inputs_and_buffers_alone():
     torch.testing.assert_close(compiled(x), torch.full((3,), 2.0))
 
 
-def test_verify_kernels_replaces_a_wrong_kernel(wrong_sigmoid):
-    model, x = _Chain(), _x()
+def _checked_report(model, x):
+    """The report of ``model`` compiled with verify="kernels", after checking that without it the
+    (injected) wrong kernel really gives a wrong result and that with it the result is eager's."""
     with torch.no_grad():
         ref = model(x)
     plain = turbofx.compile(model, (x,))
     assert not torch.allclose(plain(x), ref, atol=1e-3)  # the injected kernel is wrong indeed
-
     checked = turbofx.compile(model, (x,), verify="kernels")
     torch.testing.assert_close(checked(x), ref, rtol=1e-4, atol=1e-4)
-    rep = turbofx.explain(checked)
+    return turbofx.explain(checked)
+
+
+def test_verify_kernels_replaces_a_wrong_kernel(wrong_sigmoid):
+    rep = _checked_report(_Chain(), _x())
     (m,) = rep.kernel_mismatches
     assert m.kind == "pointwise" and any("sigmoid" in n for n in m.nodes) and m.max_abs_error > 0.1
     assert not any("sigmoid" in k.label for k in rep.generated)
@@ -197,15 +201,7 @@ def test_verify_kernels_replaces_a_wrong_gemm(monkeypatch):
         return family.bind(off_by_one, s, self)
 
     monkeypatch.setattr(GemmFamily, "runner", wrong)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.SiLU()).eval()
-    x = _x()
-    with torch.no_grad():
-        ref = model(x)
-    plain = turbofx.compile(model, (x,))
-    assert not torch.allclose(plain(x), ref, atol=1e-3)  # the injected kernel is wrong indeed
-    checked = turbofx.compile(model, (x,), verify="kernels")
-    torch.testing.assert_close(checked(x), ref, rtol=1e-4, atol=1e-4)
-    rep = turbofx.explain(checked)
+    rep = _checked_report(torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.SiLU()).eval(), _x())
     (m,) = rep.kernel_mismatches
     assert m.kind == "gemm" and m.max_abs_error > 0.5
     assert not [k for k in rep.kernels if k.kind == "gemm"]

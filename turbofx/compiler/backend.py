@@ -115,7 +115,7 @@ def turbofx_backend(gm, example_inputs, mode: str | None = None, options: dict |
     import torch
 
     opts = Options.make(mode=mode, **dict(options or {}), **kwargs)
-    names = _state_names(gm)
+    names = _state_names(gm) if opts.quantize is not None else []  # only quantization freezes weights
     input_refs = [weakref.ref(t) for t in example_inputs if isinstance(t, torch.Tensor)]
     static = [_is_static(t) for t in example_inputs]
     graphs = opts.cudagraphs if opts.cudagraphs is not None else mode == "reduce-overhead"

@@ -227,7 +227,9 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
     lowered.program["layouts"] = [w.to_json() for w in ctx.layouts]  # weights the layout pass joined
     report.layouts = list(ctx.layouts)
     report.quantization, report.quantized = opts.quantize, list(ctx.quantized)
-    if type(opts.quantize).__name__ == "GGUFNative":  # what the GGUF files left dequantized on load
+    from turbofx.quant import GGUFNative
+
+    if isinstance(opts.quantize, GGUFNative):  # what the GGUF files left dequantized on load
         from turbofx.quant.native import notes
 
         report.quant_notes = notes()

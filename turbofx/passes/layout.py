@@ -125,7 +125,7 @@ def _joined_name(keys: list[str], taken: set[str]) -> str:
     return name
 
 
-def _sibling(n: fx.Node) -> _Sibling | None:
+def linear_of(n: fx.Node) -> _Sibling | None:
     """``n`` as mm(A, t(W)) / addmm(b, A, t(W)) with default scaling; None otherwise."""
     if n.op != "call_function":
         return None
@@ -289,7 +289,7 @@ def layout(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
     rec = PassRecord("layout")
     groups: dict[tuple, list[_Sibling]] = {}
     for n in gm.graph.nodes:
-        s = _sibling(n)
+        s = linear_of(n)
         if s is not None:
             groups.setdefault(_input_key(s.a), []).append(s)
     for members in groups.values():

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from turbofx.passes.layout import linear_of
 from turbofx.passes.manager import PassContext, PassRecord
 from turbofx.refusal import Refusal
 
 aten = torch.ops.aten
-_TRANSPOSES = (aten.permute.default, aten.t.default)
 
 REFUSALS = {
     "weights-are-inputs": "the weight is a call input, not module state: it may change between calls",
@@ -61,24 +61,6 @@ class QuantizedLayer:
     def describe(self) -> str:
         return (f"quantize: {'+'.join(self.layers)} [{self.shape[0]}, {self.shape[1]}] -> {self.scheme} "
                 f"({self.full_bytes / 1e6:.2f} MB -> {self.quantized_bytes / 1e6:.2f} MB)")
-
-
-def _linear(n: fx.Node):
-    """(A, transpose, W) of ``mm(A, t(W))`` / ``addmm(b, A, t(W))`` with default scaling, else None."""
-    if n.op != "call_function":
-        return None
-    if n.target is aten.mm.default and len(n.args) == 2:
-        a, bt = n.args
-    elif n.target is aten.addmm.default and len(n.args) == 3 and all(n.kwargs.get(k, 1) == 1 for k in ("beta", "alpha")):
-        _, a, bt = n.args
-    else:
-        return None
-    if not (isinstance(bt, fx.Node) and bt.op == "call_function" and bt.target in _TRANSPOSES
-            and isinstance(bt.args[0], fx.Node)):
-        return None
-    if bt.target is aten.permute.default and list(bt.args[1]) != [1, 0]:
-        return None
-    return a, bt, bt.args[0]
 
 
 def layer_names(key: str, layouts: list) -> tuple[str, ...]:
@@ -124,9 +106,9 @@ def _is_embedding(n: fx.Node) -> bool:
 def _weights(gm: fx.GraphModule) -> list[_Weight]:
     found: dict[fx.Node, _Weight] = {}
     for n in gm.graph.nodes:
-        lin = _linear(n)
+        lin = linear_of(n)  # the layout pass's pattern: mm(A, t(W)) / addmm(b, A, t(W))
         if lin is not None:
-            found.setdefault(lin[2], _Weight(lin[2])).linears.append((n, lin[0], lin[1]))
+            found.setdefault(lin.weight, _Weight(lin.weight)).linears.append((n, lin.a, lin.transpose))
         elif _is_embedding(n):
             found.setdefault(n.args[0], _Weight(n.args[0])).embeddings.append(n)
     return list(found.values())
@@ -221,7 +203,9 @@ def _scheme(qw) -> str:
 
 
 def _is_native(cfg) -> bool:
-    return type(cfg).__name__ == "GGUFNative"
+    from turbofx.quant import GGUFNative
+
+    return isinstance(cfg, GGUFNative)
 
 
 def _rewrite(gm: fx.GraphModule, w: _Weight, key: str, qw, ctx: PassContext) -> None:

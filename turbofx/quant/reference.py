@@ -18,8 +18,8 @@ def dequantized_model(model: torch.nn.Module, cfg, layers: Iterable[str]) -> tor
     layers, as ``Report.quantized`` names them, possibly under a wrapper's prefix) quantized by
     ``cfg`` and dequantized in place (weights tied to them, such as a LM head tied to the token
     table, see the same numbers). Raises ``QuantizationError`` for a name that is no such layer."""
-    from turbofx.codegen.gemm import dequantize_weight
     from turbofx.errors import QuantizationError
+    from turbofx.quant.weights import dequantize
     from turbofx.runtime import ops as tfx_ops
 
     ref = copy.deepcopy(model)
@@ -32,7 +32,7 @@ def dequantized_model(model: torch.nn.Module, cfg, layers: Iterable[str]) -> tor
         w = mod.weight
         with torch.no_grad():
             qw = cfg.quantize(w.detach())
-            w.copy_(dequantize_weight(qw.q, qw.fmt, qw.scale, qw.min, w.shape[1], torch.float32).to(w.dtype))
+            w.copy_(dequantize(qw, torch.float32).to(w.dtype))
         if qw.fmt.act is not None:  # every linear layer reading this weight sees fake-quantized rows
             act = qw.fmt.act
             for m in modules.values():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from turbofx.codegen.gemm import ACT_QUANT, WeightQuant
+from turbofx.codegen.gemm import ACT_QUANT, WeightQuant, dequantize_weight, unpack_uint4  # noqa: F401 (unpack: re-exported)
 from turbofx.errors import QuantizationError
 
 INT8_MAX = 127
@@ -126,13 +126,6 @@ def cat_rows(weights: Sequence[QuantizedWeight]) -> QuantizedWeight:
 
 # -- the reference ----------------------------------------------------------------------------------
 
-def unpack_uint4(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """[N, ceil(K/2)] uint8 -> [N, K] uint8 values 0..15 (k = 2j low nibble of byte j, 2j+1 high)."""
-    lo = packed & 0x0F
-    hi = packed >> 4
-    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])[:, :k]
-
-
 def pack_uint4(values: torch.Tensor) -> torch.Tensor:
     """[N, K] integers 0..15 -> [N, ceil(K/2)] uint8; an odd K's last high nibble is 0."""
     v = values.to(torch.uint8)
@@ -149,26 +142,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float64) -> torch
     own numpy dequantization (``d * q + m`` in fp32), so a GGUF weight compares bit-exactly."""
     if not dtype.is_floating_point:
         raise QuantizationError(f"dequantize needs a floating-point dtype, not {dtype}")
-    n, k = qw.shape
-    fmt = qw.fmt
-    q = unpack_uint4(qw.q, k) if fmt.storage == "uint4" else qw.q
-    vals = q.to(dtype)
-    if fmt.zero:
-        vals = vals - fmt.zero
-    if fmt.group_size == 0:
-        out = vals * qw.scale.to(dtype)[:, None]
-        if qw.min is not None:
-            out = out + qw.min.to(dtype)[:, None]
-        return out
-    # [N, G, group_size] view: each group times its own scale (+ min); a ragged K is padded
-    gs = fmt.group_size
-    groups = -(-k // gs)
-    if groups * gs != k:
-        vals = torch.nn.functional.pad(vals, (0, groups * gs - k))
-    out = vals.reshape(n, groups, gs) * qw.scale.to(dtype)[:, :, None]
-    if qw.min is not None:
-        out = out + qw.min.to(dtype)[:, :, None]
-    return out.reshape(n, groups * gs)[:, :k]
+    return dequantize_weight(qw.q, qw.fmt, qw.scale, qw.min, qw.shape[1], dtype)  # the kernels' own formula
 
 
 # -- quantizers -------------------------------------------------------------------------------------
