@@ -970,6 +970,11 @@ def _fit(cfg: GemmConfig, spec: GemmSpec, target: Target) -> GemmConfig:
         cfg = replace(cfg, BLOCK_N=cfg.BLOCK_N // 2)
     if max(spec.a_type.itemsize, spec.b_type.itemsize) == 4 and cfg.BLOCK_K > 32:
         cfg = replace(cfg, BLOCK_K=cfg.BLOCK_K // 2)
+    if spec.weight is not None and spec.swiglu and cfg.regime == "gemv" and cfg.BLOCK_M <= FMA_MAX_M \
+            and cfg.BLOCK_K > 64:
+        # the FMA GEMV dequantizes two [BN, BK] weight tiles (gate, up) in fp32 registers per step:
+        # at BLOCK_K 128 sm80's ptxas spills (12 bytes, int4 + RMSNorm), so half the K tile
+        cfg = replace(cfg, BLOCK_K=cfg.BLOCK_K // 2)
     # An epilogue that loads a whole tile (the residual) holds its 64-bit addresses next to the
     # accumulator: keep at most 32 accumulator values per thread then (more warps), else 64.
     per_thread = 32 if spec.residual else 64
@@ -1214,22 +1219,27 @@ _ACTIVATION_TORCH = {"silu": torch.nn.functional.silu, "relu": torch.relu,
 
 def dequantize_weight(q: torch.Tensor, fmt: WeightQuant, scale: torch.Tensor, min: torch.Tensor | None, k: int,
                       dtype: torch.dtype = torch.float32, with_row_scale: bool = True) -> torch.Tensor:
-    """WeightQuant's formula: w [N, K] in ``dtype`` (fp32: the kernels' registers; fp64: exact).
+    """WeightQuant's formula: w [N, K] in ``dtype`` (fp32: the kernels' registers and gguf's own
+    ``d * q + m``; fp64: exact, every product of a <= 8-bit q and an fp16/fp32 scale is).
     ``with_row_scale=False`` leaves per-row scales out (what the kernels multiply by q before
-    scaling the accumulator)."""
-    if fmt.storage == "uint4":
-        q = torch.stack([q & 15, q >> 4], dim=-1).reshape(q.shape[0], -1)[:, :k]
-    x = q.to(dtype)
+    scaling the accumulator). ``turbofx.quant.dequantize`` is this for a ``QuantizedWeight``."""
+    x = (unpack_uint4(q, k) if fmt.storage == "uint4" else q).to(dtype)
     if fmt.zero:
         x = x - fmt.zero
-    if fmt.group_size:
-        g = fmt.group_size
-        x = x * scale.to(dtype).repeat_interleave(g, dim=1)[:, :k]
-        if min is not None:
-            x = x + min.to(dtype).repeat_interleave(g, dim=1)[:, :k]
-    elif with_row_scale:
-        x = x * scale.to(dtype)[:, None]
-    return x
+    if not fmt.group_size:
+        return x * scale.to(dtype)[:, None] if with_row_scale else x
+    # [N, G, group] view, each group times its own scale (+ min); a ragged K is padded
+    n, g = x.shape[0], fmt.group_size
+    groups = -(-k // g)
+    x = torch.nn.functional.pad(x, (0, groups * g - k)).reshape(n, groups, g) * scale.to(dtype)[:, :, None]
+    if min is not None:
+        x = x + min.to(dtype)[:, :, None]
+    return x.reshape(n, groups * g)[:, :k]
+
+
+def unpack_uint4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, ceil(K/2)] uint8 -> [N, K] uint8 values 0..15 (k = 2j low nibble of byte j, 2j+1 high)."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])[:, :k]
 
 
 def quantize_rows(x: torch.Tensor, act: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
