@@ -229,3 +229,22 @@ def test_generation_artifact_keeps_the_quantized_weights(llama, tmp_path):
     assert res.new_tokens.tolist() == live.new_tokens.tolist()
     meta = json.loads((tmp_path / "gen" / "decode" / "meta.json").read_text())
     assert meta["quantization"]["config"]["scheme"] == "int4" and len(meta["quantization"]["layers"]) == 8
+
+
+def test_weight_updates_after_quantizing_are_never_silently_ignored(llama):
+    # the program holds quantized copies: compile-door calls refuse, generate recompiles
+    model = make_tiny_model("llama")
+    args, kwargs = example_inputs("llama", seq=5)
+    cm = turbofx.compile(model, args, kwargs, quantize="int8")
+    _logits(cm, args, kwargs)
+    ids = args[0][:, :4]
+    turbofx.generate(model, ids, 3, quantize="int8")  # compiles (and caches) quantized programs
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["model.layers.0.self_attn.q_proj.weight"].mul_(-3.0)  # one layer of a joined QKV weight
+    state["model.layers.1.mlp.down_proj.weight"].mul_(5.0)
+    model.load_state_dict(state)
+    with pytest.raises(TurbofxError, match="were changed since"):
+        _logits(cm, args, kwargs)
+    after = turbofx.generate(model, ids, 3, quantize="int8")
+    ref = turbofx.generate(_reference(model, "int8", after.reports["decode"]), ids, 3, compile=False)
+    assert after.new_tokens.tolist() == ref.new_tokens.tolist()

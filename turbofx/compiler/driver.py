@@ -121,6 +121,7 @@ class Report:
     quantization: Any = None  # the turbofx.quant config applied (None: none)
     quantized: list = field(default_factory=list)  # passes.quantize.QuantizedLayer: weights quantized
     quant_notes: list = field(default_factory=list)  # e.g. GGUF tensors dequantized on load, and why
+    quantized_sources: list = field(default_factory=list)  # (weakref, _version) of the weights quantized
 
     def refusal_of(self, node: str) -> Refusal | None:
         """Why a pass (or verify=kernels) did not take this node: the last refusal recorded for it;
@@ -227,6 +228,7 @@ def build(captured: CapturedGraph, opts: Options, capture_seconds: float = 0.0, 
     lowered.program["layouts"] = [w.to_json() for w in ctx.layouts]  # weights the layout pass joined
     report.layouts = list(ctx.layouts)
     report.quantization, report.quantized = opts.quantize, list(ctx.quantized)
+    report.quantized_sources = list(ctx.quantized_sources)
     from turbofx.quant import GGUFNative
 
     if isinstance(opts.quantize, GGUFNative):  # what the GGUF files left dequantized on load

@@ -188,8 +188,12 @@ class _Engine:
 
     def follow_model(self) -> None:
         """Drop caches and programs built for weights the model no longer has (after model.half(),
-        model.to(device) or a replaced parameter): they would read wrong-typed or stale tensors."""
+        model.to(device) or a replaced parameter): they would read wrong-typed or stale tensors.
+        Quantized programs hold copies of the weights: with ``quantize``, an in-place update
+        (load_state_dict) also recompiles."""
         now = _placement(self.model)
+        if self.options.get("quantize") is not None:
+            now += tuple(t._version for t in self.model.parameters())
         if now != self.placement:
             if self.placement is not None:
                 log.info("%s's weights changed dtype, device or identity: recompiling", type(self.model).__name__)

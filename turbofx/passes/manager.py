@@ -100,6 +100,7 @@ class PassContext:
     layouts: list = field(default_factory=list)
     quant: Any = None  # the turbofx.quant config the quantize pass applies (None: no quantization)
     quantized: list = field(default_factory=list)  # passes.quantize.QuantizedLayer: weights it quantized
+    quantized_sources: list = field(default_factory=list)  # (weakref to a quantized weight, its _version)
 
 
 Pass = Callable[[fx.GraphModule, PassContext], PassRecord]

@@ -22,6 +22,7 @@ result: same values, memory held once. Refusal codes: see ``REFUSALS``.
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,6 +167,7 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> PassRecord:
             rec.refuse(where, ctx.fuel.refusal)
             continue
         full = st.value(w.node)
+        ctx.quantized_sources.append((weakref.ref(full), full._version))  # an update later must not go unseen
         layer = QuantizedLayer(key, layer_names(key, ctx.layouts), _scheme(qw), tuple(qw.shape),
                                full.numel() * full.element_size(), qw.nbytes)
         _rewrite(gm, w, key, qw, ctx)

@@ -75,6 +75,17 @@ class CompiledModule(torch.nn.Module):
         self._eval = Evaluator()
         self._user_mutations = sorted((i, key) for i, (kind, key) in mutations.items() if kind == "user")
 
+    def _check_quantized_sources(self) -> None:
+        """The program holds quantized copies of some of the model's weights: an update of those
+        weights since compiling (load_state_dict, an optimizer step) would be silently ignored."""
+        report = self.turbofx_report
+        for ref, version in getattr(report, "quantized_sources", ()):
+            t = ref()
+            if t is not None and t._version != version:
+                raise TurbofxError("weights turbofx quantized when compiling were changed since (load_state_dict or "
+                                   "another in-place update): this program holds their old quantized values. "
+                                   "Compile again (turbofx.compile / turbofx.generate recompiles by itself)")
+
     def state_bytes(self) -> int:
         """Bytes of the module state the program holds (weights, quantized or not; buffers), each
         storage counted once (joined weights and their views share one)."""
@@ -195,6 +206,7 @@ class CompiledModule(torch.nn.Module):
         else:
             flat = list(args)
         given = flat
+        self._check_quantized_sources()
         flat = self._check(flat)
         if self._mutations:
             self._check_aliasing(given)
