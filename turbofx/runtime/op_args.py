@@ -201,6 +201,23 @@ class VarlenAttentionArgs(OpArgs):
 
 @view
 @dataclass(frozen=True)
+class PagedAttentionArgs(OpArgs):
+    """``turbofx::paged_attention``: a packed step over a paged KV cache (see runtime/ops.py)."""
+
+    OPS: ClassVar[tuple[str, ...]] = ("turbofx::paged_attention",)
+    q: Arg
+    k_cache: Arg
+    v_cache: Arg
+    block_table: Arg
+    query_start: Arg
+    seq_lens: Arg
+    scale: float
+    window: int
+    softcap: float
+
+
+@view
+@dataclass(frozen=True)
 class SdpaArgs(OpArgs):
     """``turbofx::sdpa`` and ATen's ``scaled_dot_product_attention`` (same arguments; ATen names
     q, k, v ``query``, ``key``, ``value`` and makes ``scale`` and ``enable_gqa`` keyword-only)."""

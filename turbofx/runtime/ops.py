@@ -140,6 +140,43 @@ def varlen_reference(q, k, v, cu_seqlens, scale, causal, compute_dtype=torch.flo
     return out
 
 
+@torch.library.custom_op("turbofx::paged_attention", mutates_args=())
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    query_start: torch.Tensor, seq_lens: torch.Tensor, scale: float, window: int,
+                    softcap: float) -> torch.Tensor:
+    """Causal attention of a packed batch over a paged KV cache (the serving engine's step).
+
+    q [T, H, D]: the step's query rows, sequence s owning rows query_start[s]:query_start[s+1]
+    (rows past query_start[-1] are padding and give zeros). k_cache/v_cache [num_pages, page_size,
+    Hkv, D]; key j of sequence s lives in page block_table[s, j // page_size] at row
+    j % page_size. seq_lens[s] keys exist after this step's write, so the n query rows of s sit at
+    positions seq_lens[s] - n .. seq_lens[s] - 1 and each sees keys 0..its position (window > 0:
+    only the last ``window`` of them). softcap > 0: scores are softcap·tanh(s/softcap)."""
+    return paged_attention_reference(q, k_cache, v_cache, block_table, query_start, seq_lens, scale, window, softcap)
+
+
+@paged_attention.register_fake
+def _(q, k_cache, v_cache, block_table, query_start, seq_lens, scale, window, softcap):
+    return q.new_empty(q.shape[:-1] + (v_cache.shape[-1],))
+
+
+def paged_attention_reference(q, k_cache, v_cache, block_table, query_start, seq_lens, scale, window, softcap,
+                              compute_dtype=torch.float32):
+    out = torch.zeros(q.shape[:-1] + (v_cache.shape[-1],), dtype=q.dtype, device=q.device)
+    page = k_cache.shape[1]
+    starts, lens = query_start.tolist(), seq_lens.tolist()
+    for s, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+        n, keys = b - a, lens[s]
+        if n <= 0 or keys <= 0:
+            continue
+        pages = block_table[s, :-(-keys // page)].long()
+        k = k_cache[pages].flatten(0, 1)[:keys]  # [keys, Hkv, D]
+        v = v_cache[pages].flatten(0, 1)[:keys]
+        seq = [t.transpose(0, 1)[None] for t in (q[a:b], k, v)]  # [1, heads, rows, D]
+        out[a:b] = attention_reference(*seq, None, scale, True, window, softcap, compute_dtype)[0].transpose(0, 1)
+    return out
+
+
 # ---------------------------------------------------------------- autograd
 # turbofx's programs are inference-only, but a training graph may still reach these ops (a model
 # or a test calling them, a graph AOTAutograd differentiates). Their backward recomputes the
@@ -181,6 +218,7 @@ _register_recompute_backward(sdpa, lambda q, k, v, m, p, c, s, g: torch.nn.funct
     q, k, v, attn_mask=m, dropout_p=p, is_causal=c, scale=s, enable_gqa=g))
 _register_recompute_backward(cached_attention, cached_attention_reference)
 _register_recompute_backward(varlen_attention, varlen_reference)
+_register_recompute_backward(paged_attention, paged_attention_reference)
 
 
 # ---------------------------------------------------------------- gemm
