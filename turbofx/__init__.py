@@ -51,6 +51,10 @@ def __getattr__(name):
         from turbofx.compiler.generation import generate
 
         return generate
+    if name in ("Engine", "EngineFull", "RequestHandle"):
+        from turbofx.compiler import serving
+
+        return getattr(serving, name)
     if name == "backend":
         from turbofx.compiler.backend import turbofx_backend
 
