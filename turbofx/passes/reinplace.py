@@ -2,7 +2,9 @@
 in place (no copy of the whole cache, no write-back copy). Runs last: an update fused into a
 kernel is not a separate write.
 
-``v = index_put(p, ...)`` / ``index_copy`` written back into the input ``p``; ``cached_attention(...,
+``v = index_put(p, ...)`` / ``index_copy`` written back into the input ``p`` (also through
+reshaping views of ``p`` and of ``v``: the serving engine's paged cache is written through its
+flattened ``[pages * page_size, heads, dim]`` view); ``cached_attention(...,
 Kc, Vc, ...)`` whose updated caches (results 1 and 2) are written back into ``Kc`` and ``Vc``.
 Safe when no other reader of an old cache depends on the update (lowering orders those readers
 before it).
@@ -57,6 +59,17 @@ def overwritten(w: fx.Node) -> list[fx.Node]:
     return [w.args[0]]
 
 
+VIEWS = (aten.view.default, aten._unsafe_view.default)
+
+
+def through_views(n):
+    """The tensor ``n`` is a reshaping view of (itself if it is none): a view of a placeholder or of
+    an update's result shares its memory, so writing through it writes the whole tensor."""
+    while isinstance(n, fx.Node) and n.target in VIEWS:
+        n = n.args[0]
+    return n
+
+
 def reinplaceable(g: fx.Graph, write_backs: dict[fx.Node, fx.Node], region_of: dict) -> set[fx.Node]:
     """Functional cache updates whose results are written back into the caches anyway: run them
     in place (no copy of the whole cache, no write-back copy). ``v = index_put(p, ...)`` written
@@ -65,13 +78,14 @@ def reinplaceable(g: fx.Graph, write_backs: dict[fx.Node, fx.Node], region_of: d
     the update (those readers are ordered before it)."""
     updates: dict[fx.Node, list[tuple[fx.Node, fx.Node]]] = {}  # writer -> [(updated value, cache)]
     for v, p in write_backs.items():
-        if v.target in INPLACE and v not in region_of:
-            updates.setdefault(v, []).append((v, p))
+        u = through_views(v)  # a paged cache is updated through a flattened view of it
+        if u.target in INPLACE and u not in region_of:
+            updates.setdefault(u, []).append((v, p))
         elif v.target is operator.getitem and v.args[0].target is CACHED and v.args[1] in (1, 2):
             updates.setdefault(v.args[0], []).append((v, p))
     out = set()
     for w, pairs in updates.items():
-        caches = overwritten(w)
+        caches = [through_views(c) for c in overwritten(w)]
         if sorted(id(p) for _, p in pairs) != sorted(id(c) for c in caches):
             continue  # only part of the update is written back
         if any(p.op != "placeholder" for p in caches) or len(set(caches)) != len(caches):

@@ -26,6 +26,11 @@ INFERENCE_ONLY = ("turbofx programs are inference-only: they compute no gradient
                   "torch.no_grad() / torch.inference_mode()")
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
+
+
 class _InferenceOnly(torch.autograd.Function):
     """Connects a call's outputs to the inputs and parameters that require grad, so that
     ``backward()`` through them raises instead of silently producing partial gradients (the
@@ -101,7 +106,7 @@ class CompiledModule(torch.nn.Module):
         tensors it was given: under graph replay ``graph_inputs`` are static copies)."""
         outs = self._program(graph_inputs)
         for i, (kind, key) in self._mutations.items():
-            if kind == "state":
+            if kind == "state" and not _same_memory(self._state[key], outs[i]):  # updated in place already
                 self._state[key].copy_(outs[i])
         return [o for i, o in enumerate(outs) if i not in self._mutations] + [outs[i] for i, _ in self._user_mutations]
 
