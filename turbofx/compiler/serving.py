@@ -24,6 +24,7 @@ so a decode-only step padded to a power-of-two T replays one CUDA graph per buck
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -237,8 +238,13 @@ class Engine:
         args = self._inputs([], t)
         with torch.no_grad():
             program = tfx_compile(self.decoder, args, dynamic=True, **self.options)
-            program(*args)  # every kernel loaded and run once before serving
-            program(*self._inputs([], 2))  # the smallest step (export specialises sizes 0 and 1)
+            with program.without_graphs():
+                program(*args)  # every kernel loaded and run once before serving
+            # decode buckets: the second call of a shape captures its CUDA graph (GPU targets)
+            replays = 2 if getattr(program, "_runner", None) is not None else 1
+            for t in self.decode_buckets():
+                for _ in range(replays):
+                    program(*self._inputs([], t))
         self._reset_cache()
         return program
 
@@ -422,6 +428,11 @@ class Engine:
                 block_table.to(dev), torch.tensor(query_start, dtype=torch.int32, device=dev),
                 torch.tensor(seq_lens, dtype=torch.int32, device=dev), torch.tensor(last, device=dev))
 
+    def decode_buckets(self) -> list[int]:
+        """Token counts decode-only steps run with (powers of two from 2 up to max_batch_size's)."""
+        top = self._bucket(self.max_batch_size, True)
+        return [1 << i for i in range(1, top.bit_length())]
+
     def _bucket(self, tokens: int, decode_only: bool) -> int:
         """Token count a step runs with: at least 2 (sizes 0 and 1 are specialised by capture);
         decode-only steps go to the next power of two, so each bucket is one CUDA graph."""
@@ -433,7 +444,9 @@ class Engine:
         real = sum(c.count for c in chunks)
         decode_only = all(c.count == 1 and c.start == len(c.seq.tokens) - 1 and c.start > 0 for c in chunks)
         total = self._bucket(real, decode_only)
-        with torch.no_grad():
+        # decode-only steps have one shape per bucket: graph replay on GPUs; mixed steps run directly
+        graphs = decode_only or not hasattr(self.program, "without_graphs")
+        with torch.no_grad(), (contextlib.nullcontext() if graphs else self.program.without_graphs()):
             logits = self.program(*self._inputs(chunks, total))
         self.stats.steps += 1
         self.stats.padded_tokens += total - real

@@ -1,6 +1,8 @@
 """CompiledModule: an nn.Module that runs a Program with the original call signature."""
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import re
 from typing import Any
@@ -199,8 +201,20 @@ class CompiledModule(torch.nn.Module):
                         f"program reads {name} as it was before the update (eager would not); pass separate "
                         f"tensors (e.g. {name}.clone())")
 
+    @contextlib.contextmanager
+    def without_graphs(self):
+        """Calls inside run the Program directly, not through graph replay: for shapes seen once
+        (a serving engine's mixed prefill/decode steps), which would only fill the graph pool."""
+        saved, self._graphs_off = getattr(self, "_graphs_off", False), True
+        try:
+            yield
+        finally:
+            self._graphs_off = saved
+
     def _call(self, graph_inputs: list) -> list:
-        return self._runner(graph_inputs) if self._runner is not None else self._step(graph_inputs)
+        if self._runner is not None and not getattr(self, "_graphs_off", False):
+            return self._runner(graph_inputs)
+        return self._step(graph_inputs)
 
     def forward(self, *args, **kwargs):
         if self._in_spec is not None:
