@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -242,7 +243,7 @@ def serve_hf(model, trace: list[Request], args) -> tuple[dict[int, Served], floa
 
 
 def serve_hf_inductor(model, trace: list[Request], args) -> tuple[dict[int, Served], float, str]:
-    compiled = torch.compile(model.forward, mode="max-autotune-no-cudagraphs")
+    compiled = torch.compile(model.forward)  # default mode: a GPU check must fit its time budget
     model.forward = compiled
     try:
         def run_batch(prompts, max_new):
@@ -368,8 +369,35 @@ def main(argv=None) -> int:
             "interpreter": args.dev.type == "cpu"}
     order = sorted(args.contestants, key=lambda c: c != "hf")  # HF first: it is the reference for the others
     results, reference = [], None
-    if "hf" not in order:
-        reference = serve_hf(model, trace, args)[0]
+
+    def dump() -> None:  # after every row: a step killed by its timeout leaves the rows done
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"meta": meta, "results": [asdict(r) for r in results]}, fh, indent=1)
+
+    def on_term(signum, frame):  # `timeout` sends SIGTERM: still print and write what we have
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        if "hf" not in order:
+            reference = serve_hf(model, trace, args)[0]
+        run_all(model, trace, args, order, meta, results, reference, dump)
+    except KeyboardInterrupt:
+        print("[serve] interrupted: reporting the contestants done", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    results.sort(key=lambda r: CONTESTANTS.index(r.contestant))
+    print(f"serving benchmark — {meta['device']}, {args.dtype}, {args.requests} requests at {args.rate}/s, prompts "
+          f"{args.prompt_len}, outputs {args.output_len}, max batch {args.max_batch}"
+          + (" (Triton interpreter: not GPU speed)" if meta["interpreter"] else ""))
+    print(table(results))
+    dump()
+    done = {r.contestant for r in results}
+    return 0 if all(r.status != "failed" for r in results) and done == set(order) else 1
+
+
+def run_all(model, trace, args, order, meta, results, reference, dump) -> None:
     for name in order:
         if name in NEEDS_CUDA and args.dev.type != "cuda":
             results.append(Result(name, status="skipped", reason="needs CUDA"))
@@ -386,17 +414,8 @@ def main(argv=None) -> int:
         r = summarize(name, trace, served, waste, notes, reference)
         r.notes += f"; {time.perf_counter() - t0:.0f}s wall"
         results.append(r)
+        dump()
         print(f"[serve] {name}: {r.tokens_per_s:.1f} tok/s, TTFT p50 {r.ttft_p50_ms:.0f} ms", file=sys.stderr)
-    results.sort(key=lambda r: CONTESTANTS.index(r.contestant))
-    text = table(results)
-    print(f"serving benchmark — {meta['device']}, {args.dtype}, {args.requests} requests at {args.rate}/s, prompts "
-          f"{args.prompt_len}, outputs {args.output_len}, max batch {args.max_batch}"
-          + (" (Triton interpreter: not GPU speed)" if meta["interpreter"] else ""))
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "results": [asdict(r) for r in results]}, fh, indent=1)
-    return 0 if all(r.status != "failed" for r in results) else 1
 
 
 if __name__ == "__main__":
