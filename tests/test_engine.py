@@ -183,3 +183,20 @@ def test_concurrent_submitters():
         engine.shutdown(timeout=30)
     assert all(results[i] == _hf_greedy(model, [i + 1, i + 2], 3) for i in range(8))
     _assert_no_leak(engine)
+
+
+def test_quantized_engine_matches_the_dequantized_model():
+    from turbofx.quant import parse
+    from turbofx.quant.reference import dequantized_model
+
+    model = _tiny_llama()
+    engine = turbofx.Engine(model, max_batch_size=4, max_num_tokens=16, page_size=4, max_seq_len=64,
+                            quantize="int8")
+    quantized = engine.program.turbofx_report.quantized
+    assert quantized  # the projections run on int8 weights
+    ref = dequantized_model(model, parse("int8"), [name for q in quantized for name in q.layers])
+    reqs = _requests(6, seed=4)
+    handles = _serve_staggered(engine, reqs)
+    for (prompt, k), h in zip(reqs, handles):
+        assert h.tokens == _hf_greedy(ref, prompt, k), (len(prompt), k)
+    _assert_no_leak(engine)
