@@ -298,15 +298,21 @@ def test_loopback_concurrent_streams_match_hf_greedy(model, live):
     print(f"\n6 streams, {sum(k for _, k in reqs)} max tokens, {secs:.2f}s over loopback")
     _wait_free(engine)
     engine.allocator.check()
-    # A stop string cuts the text before it and cancels the request.
-    p, k = reqs[2]
-    full = tok.decode(_hf_greedy(model, p, k), skip_special_tokens=True)
-    stop = full[5:7] if len(full.strip("\ufffd")) > 8 else None
-    if stop:
-        r = httpx.post(url + "/v1/completions", json={"prompt": p, "max_tokens": k, "stop": [stop]}, timeout=60)
-        ch = r.json()["choices"][0]
-        assert ch["text"] == full[: full.find(stop)] and ch["finish_reason"] == "stop"
-        _wait_free(engine)
+    # A stop string cuts the text before it and cancels the request (non-streaming and streaming).
+    texts = {i: tok.decode(_hf_greedy(model, p, k), skip_special_tokens=True) for i, (p, k) in enumerate(reqs)}
+    i = max(texts, key=lambda j: len(texts[j]))
+    full, (p, k) = texts[i], reqs[i]
+    assert len(full) >= 6, full
+    stop = full[3:5]
+    r = httpx.post(url + "/v1/completions", json={"prompt": p, "max_tokens": k, "stop": [stop, "\x00never"]},
+                   timeout=60)
+    ch = r.json()["choices"][0]
+    assert ch["text"] == full[: full.find(stop)] and ch["finish_reason"] == "stop", (ch, full, stop)
+    out = {}
+    _stream(url, {"prompt": p, "max_tokens": k, "stop": stop}, out, "s")
+    assert out["s"] == (full[: full.find(stop)], "stop"), (out, full, stop)
+    _wait_free(engine)
+    engine.allocator.check()
 
 
 def test_loopback_disconnect_cancels_and_frees_pages(live):
