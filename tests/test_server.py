@@ -328,3 +328,12 @@ def test_loopback_disconnect_cancels_and_frees_pages(live):
     _wait_free(engine)
     engine.allocator.check()
     assert engine.stats.tokens - before < 200  # cancelled, not run to max_tokens
+
+
+def test_cli_serve_refuses_an_export_artifact(tmp_path, capsys):
+    from turbofx.compiler import cli
+
+    (tmp_path / "generation.json").write_text("{}")
+    assert cli.main(["serve", str(tmp_path)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("turbofx: error: ") and "turbofx serve MODEL" in err[0], err

@@ -419,7 +419,8 @@ def _main(argv: list[str] | None = None) -> int:
         logging.getLogger("turbofx").setLevel(logging.INFO)
     from turbofx.compiler.progress import interactive
 
-    cmd = {"export": cmd_export, "run": cmd_run, "demo": cmd_demo, "serve": cmd_serve, "bisect": cmd_bisect, "doctor": cmd_doctor}[a.cmd]
+    cmd = {"export": cmd_export, "run": cmd_run, "demo": cmd_demo, "serve": cmd_serve, "bisect": cmd_bisect,
+           "doctor": cmd_doctor}[a.cmd]
     if interactive():  # log lines printed above the progress bar, not through it
         from tqdm.contrib.logging import logging_redirect_tqdm
 
