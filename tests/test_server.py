@@ -330,6 +330,70 @@ def test_loopback_disconnect_cancels_and_frees_pages(live):
     assert engine.stats.tokens - before < 200  # cancelled, not run to max_tokens
 
 
+def test_loopback_non_streaming_client_gone_cancels(live):
+    engine, url = live
+    before = engine.stats.tokens
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(url + "/v1/completions", json={"prompt": [9, 8, 7], "max_tokens": 200}, timeout=0.5)
+    _wait_free(engine)
+    engine.allocator.check()
+    assert engine.stats.tokens - before < 200
+
+
+_SIGINT_SERVER = """
+import sys, torch
+import turbofx
+sys.path.insert(0, {root!r})
+from tests.test_server import _tiny_llama, _engine, ByteTokenizer
+from turbofx.compiler.server import serve
+engine = _engine(_tiny_llama())
+serve(engine, ByteTokenizer(), "tiny", "127.0.0.1", {port})
+print("drained", engine.allocator.num_free == engine.allocator.num_pages, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigint_drains_the_in_flight_stream_then_exits(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = _free_port()
+    script = tmp_path / "serve.py"
+    script.write_text(_SIGINT_SERVER.format(root=str(Path(__file__).resolve().parents[1]), port=port))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+            try:
+                httpx.get(url + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        chunks, reason, done = 0, None, False
+        with httpx.Client(timeout=60) as c, c.stream("POST", url + "/v1/completions",
+                                                     json={"prompt": [5, 6, 7], "max_tokens": 60,
+                                                           "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunks += 1
+                    reason = json.loads(line[6:])["choices"][0]["finish_reason"] or reason
+                    if chunks == 2:
+                        proc.send_signal(signal.SIGINT)
+                done = done or line == "data: [DONE]"
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert done and reason in ("length", "stop"), (chunks, reason)
+    assert proc.returncode == 0 and "drained True" in out, out[-2000:]
+
+
 def test_cli_serve_refuses_an_export_artifact(tmp_path, capsys):
     from turbofx.compiler import cli
 

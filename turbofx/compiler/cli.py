@@ -273,6 +273,7 @@ def cmd_serve(a) -> int:
     print(f"  compiled in {engine.stats.compile_seconds:.1f}s", file=sys.stderr, flush=True)
     print(f"serving {a.model} at http://{a.host}:{a.port}/v1 (Ctrl-C drains and stops)", flush=True)
     serve(engine, tok, a.model, a.host, a.port)
+    print(f"stopped after {engine.stats.tokens} generated tokens; the in-flight requests were drained", file=sys.stderr)
     return 0
 
 

@@ -459,5 +459,8 @@ def serve(engine, tokenizer, model_name: str, host: str = "127.0.0.1", port: int
             state.draining = True  # before uvicorn waits for the in-flight requests
             await super().shutdown(sockets)
 
-    _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                           timeout_graceful_shutdown=drain_timeout)).run()
+    try:
+        _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                               timeout_graceful_shutdown=drain_timeout)).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after the graceful shutdown
+        pass
