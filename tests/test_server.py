@@ -224,6 +224,34 @@ def test_chat_models_health_and_shutdown_drains(model):
     engine.allocator.check()
 
 
+def test_seeded_sampling_repeats_and_an_engine_failure_is_a_500(model, monkeypatch):
+    engine = _engine(model)
+    app = build_app(engine, ByteTokenizer(), "tiny")
+    engine.start()
+    body = {"prompt": [4, 5, 6], "max_tokens": 6, "temperature": 0.9, "top_p": 0.9, "top_k": 20, "seed": 7}
+    try:
+        a, b, bad = asyncio.run(_asgi(app, [("POST", "/v1/completions", {"json": body}),
+                                            ("POST", "/v1/completions", {"json": body}),
+                                            ("POST", "/v1/completions", {"json": {**body, "top_p": 2.0}})]))
+        assert a.status_code == 200 and a.json()["choices"][0]["text"] == b.json()["choices"][0]["text"]
+        assert a.json()["usage"]["completion_tokens"] >= 1
+        _assert_error(bad, 400, None, "top_p")
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("device lost")
+
+        monkeypatch.setattr(engine, "_run", boom)
+        failed, failed_stream = asyncio.run(_asgi(app, [("POST", "/v1/completions", {"json": body}),
+                                                        ("POST", "/v1/completions",
+                                                         {"json": {**body, "stream": True}})]))
+        _assert_error(failed, 500, None, "device lost")
+        assert failed_stream.status_code == 500 and "device lost" in failed_stream.json()["error"]["message"]
+    finally:
+        engine.shutdown()
+    assert engine.allocator.num_free == engine.allocator.num_pages
+    engine.allocator.check()
+
+
 # ---------------------------------------------------------------------------------------- loopback
 
 def _free_port() -> int:
