@@ -61,11 +61,13 @@ class ApiError(Exception):
         self.type = type_ or {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
                               429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
 
+    def json(self) -> dict:
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
+
 
 def _error_response(status: int, message: str, param: str | None = None, type_: str | None = None) -> JSONResponse:
     e = ApiError(status, message, param, type_)
-    return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.status}},
-                        status_code=e.status)
+    return JSONResponse({"error": e.json()}, status_code=e.status)
 
 
 @dataclass
@@ -347,7 +349,7 @@ class Server:
                     break
             yield "data: [DONE]\n\n"
         except ApiError as e:  # after the 200: the error travels as an event
-            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.status}})}\n\n"
+            yield f"data: {json.dumps({'error': e.json()})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             await pieces.aclose()
