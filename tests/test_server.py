@@ -431,3 +431,7 @@ def test_cli_serve_refuses_an_export_artifact(tmp_path, capsys):
     assert cli.main(["serve", str(tmp_path)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("turbofx: error: ") and "turbofx serve MODEL" in err[0], err
+
+
+def tiny_served():  # a pkg.module:factory for `turbofx serve tests.test_server:tiny_served`
+    return _tiny_llama(), ByteTokenizer()
