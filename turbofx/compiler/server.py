@@ -1,7 +1,9 @@
 """``turbofx serve``: an OpenAI-compatible HTTP server over ``turbofx.Engine`` (Starlette + uvicorn).
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(streaming as server-sent events, ``data: {json}`` per chunk then ``data: [DONE]``).
+(streaming as server-sent events, ``data: {json}`` per chunk then ``data: [DONE]``; the last chunk
+carries ``usage``). ``max_tokens`` defaults to 16 on both endpoints (a truncated answer says
+``finish_reason: "length"``); ``top_k`` is an extension; ``n`` must be 1.
 
 Invariants:
 
@@ -108,7 +110,8 @@ def _parse_common(body: dict, max_tokens_field: str = "max_tokens") -> dict:
     n = body.get("n", 1)
     if n != 1 or not _is_int(n):
         raise ApiError(400, f"'n' must be 1 (turbofx serve generates one choice per request), got {n!r}", "n")
-    mt = body.get(max_tokens_field, body.get("max_tokens", 16))
+    mt = body.get(max_tokens_field)
+    mt = 16 if mt is None else mt  # null is OpenAI's "the default"
     if not _is_int(mt) or mt < 1:
         raise ApiError(400, f"'{max_tokens_field}' must be an integer >= 1, got {mt!r}", max_tokens_field)
     out["max_tokens"] = mt
@@ -132,7 +135,8 @@ def _parse_common(body: dict, max_tokens_field: str = "max_tokens") -> dict:
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, f"'stop' must be a non-empty string or a list of them, got {body.get('stop')!r}", "stop")
     out["stop"] = stop
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    stream = False if stream is None else stream
     if not isinstance(stream, bool):
         raise ApiError(400, f"'stream' must be true or false, got {stream!r}", "stream")
     out["stream"] = stream
