@@ -1,4 +1,4 @@
-"""The ``turbofx`` command: export, run, demo (the main job), bisect, doctor.
+"""The ``turbofx`` command: export, run, demo (the main job), serve, bisect, doctor.
 
 Errors are one line on stderr: ``turbofx: error: ...`` (exit 2) for what the user can fix,
 ``turbofx: turbofx bug: ...`` (exit 3) for our own failures, ``turbofx: interrupted`` (exit 130)
@@ -242,6 +242,41 @@ def cmd_demo(a) -> int:
     return 0 if same else 1
 
 
+def cmd_serve(a) -> int:
+    """Compile the model into a ``turbofx.Engine`` and serve it over OpenAI-compatible HTTP."""
+    from pathlib import Path
+
+    import turbofx
+    from turbofx.errors import GenerationError
+
+    d = Path(a.model)
+    if d.is_dir() and ((d / "generation.json").is_file() or (d / "meta.json").is_file()):
+        raise GenerationError(f"{d} is a `turbofx export` artifact (fixed-shape programs); the server's engine "
+                              "compiles its own paged programs from the model: run `turbofx serve MODEL` with the "
+                              "model it was exported from (e.g. smollm2), or `turbofx run` on the artifact")
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise GenerationError(f"turbofx serve needs starlette and uvicorn ({e}): pip install -e '.[serve]'") from None
+    from turbofx.compiler.server import serve
+
+    _quantize(a.quantize)  # a bad --quantize fails before the model loads
+    model, tok = _load(a.model, a.dtype)
+    if tok is None:
+        raise GenerationError(f"{a.model} has no tokenizer: the server takes text; serve a model that has one "
+                              "(e.g. smollm2)")
+    quant = _quantize(a.quantize, model)
+    print("compiling the engine's paged decoder ...", file=sys.stderr, flush=True)
+    engine = turbofx.Engine(model, max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens,
+                            page_size=a.page_size, num_pages=a.num_pages, max_seq_len=a.max_seq_len, quantize=quant)
+    print(f"  compiled in {engine.stats.compile_seconds:.1f}s", file=sys.stderr, flush=True)
+    print(f"serving {a.model} at http://{a.host}:{a.port}/v1 (Ctrl-C drains and stops)", flush=True)
+    serve(engine, tok, a.model, a.host, a.port)
+    print(f"stopped after {engine.stats.tokens} generated tokens; the in-flight requests were drained", file=sys.stderr)
+    return 0
+
+
 def cmd_bisect(a) -> int:
     """Find the rewrite that makes the compiled model differ from eager (binary search over
     ``max_rewrites``); prints each trial on stderr and the verdict on stdout."""
@@ -358,6 +393,17 @@ def _main(argv: list[str] | None = None) -> int:
     _flag(d, "--target", default=None, type=cli_target, help="cpu | cuda | hip")
     _flag(d, "--json", default=None)
     _flag(d, "--quantize", default=None, help=QUANTIZE_HELP)
+    s = sub.add_parser("serve", help="serve a model over OpenAI-compatible HTTP (continuous batching)")
+    s.add_argument("model", nargs="?", default="smollm2", help="smollm2 | llama | qwen2 | ... | pkg.module:factory")
+    _flag(s, "--host", default="127.0.0.1")
+    _flag(s, "--port", type=int, default=8000)
+    _flag(s, "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    _flag(s, "--max-batch-size", type=int, default=8)
+    _flag(s, "--max-num-tokens", type=int, default=256)
+    _flag(s, "--page-size", type=int, default=16)
+    _flag(s, "--num-pages", type=int, default=None)
+    _flag(s, "--max-seq-len", type=int, default=None)
+    _flag(s, "--quantize", default=None, help=QUANTIZE_HELP)
     b = sub.add_parser("bisect", help="find the rewrite that makes the compiled model differ from eager")
     b.add_argument("model", help="smollm2 | llama | qwen2 | ... | pkg.module:factory")
     _flag(b, "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -374,7 +420,8 @@ def _main(argv: list[str] | None = None) -> int:
         logging.getLogger("turbofx").setLevel(logging.INFO)
     from turbofx.compiler.progress import interactive
 
-    cmd = {"export": cmd_export, "run": cmd_run, "demo": cmd_demo, "bisect": cmd_bisect, "doctor": cmd_doctor}[a.cmd]
+    cmd = {"export": cmd_export, "run": cmd_run, "demo": cmd_demo, "serve": cmd_serve, "bisect": cmd_bisect,
+           "doctor": cmd_doctor}[a.cmd]
     if interactive():  # log lines printed above the progress bar, not through it
         from tqdm.contrib.logging import logging_redirect_tqdm
 
