@@ -90,6 +90,19 @@ def _cases():
     def mlp(rows):
         return GatedMlp().to(h16), (rnd(1, rows, 256),)
 
+    def paged(d, tokens, seqs, window=0, softcap=0.0, page=16, h=16, hkv=4):
+        # a serving step: `seqs` sequences over scrambled pages of 16, `tokens` packed query rows
+        width, n_pages = 32, seqs * 32 + 8
+        block_table = torch.randperm(n_pages)[:seqs * width].view(seqs, width).to(torch.int32)
+        counts = [tokens // seqs] * seqs
+        counts[0] += tokens - sum(counts)
+        query_start = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int32)
+        seq_lens = torch.tensor([200 + 37 * i + c for i, c in enumerate(counts)], dtype=torch.int32)
+        fn = Fn(lambda q, k, v, bt, qs, sl: torch.ops.turbofx.paged_attention(q, k, v, bt, qs, sl, d ** -0.5,
+                                                                             window, softcap))
+        return fn, (rnd(tokens, h, d), rnd(n_pages, page, hkv, d), rnd(n_pages, page, hkv, d), block_table,
+                    query_start, seq_lens)
+
     def varlen(q, k, v, cu):
         return torch.ops.turbofx.varlen_attention(q, k, v, cu, 0.125, True)
 
@@ -114,6 +127,10 @@ def _cases():
         Case("gemm prefill tiled (rmsnorm prologue, swiglu; residual)", lambda: mlp(200)),
         Case("varlen", lambda: (Fn(varlen), (rnd(200, 4, 64), rnd(200, 2, 64), rnd(200, 2, 64),
                                              torch.tensor([0, 37, 37, 150, 200], dtype=torch.int32)))),
+        Case("paged attention mixed step d128 gqa4", lambda: paged(128, 256, 8)),
+        Case("paged attention decode d128 gqa4", lambda: paged(128, 8, 8)),
+        Case("paged attention mixed step d64 window + softcap", lambda: paged(64, 256, 8, 128, 30.0)),
+        Case("paged attention decode d64", lambda: paged(64, 8, 8), False),
     ]
 
 

@@ -12,7 +12,8 @@ rows are QT tokens × G query heads of KV head hk (token-major: row r is token r
 hk·G + r % G), so each K/V tile is loaded once for the whole GQA group; decode (n_s = 1) fills a
 tile with the group's heads instead of padding. KV tiles are BLOCK_N consecutive key positions,
 each key's page looked up in the block table (any page size: a tile may span pages or a page
-several tiles). The key range is the causal band of the tile's rows (window: from the first row's
+several tiles). Head dim, page size, group size and tokens per tile are constexprs (static in
+the graph; a power-of-two page makes the page/slot split shifts). The key range is the causal band of the tile's rows (window: from the first row's
 lowest visible key, on the tile grid); every tile is masked per row position (causal, window,
 seq_len). Rows past query_start[S] and rows with no visible key come out as zeros (the output
 is zero-filled first: one memset, graph safe). The online-softmax step is the attention family's
@@ -36,8 +37,8 @@ SOURCE = _att.SOURCE + '''
 
 @triton.jit
 def tfx_paged_attention(Q, K, V, O, BT, QS, SL, sqt, sqh, sqd, skp, sks, skh, skd, svp, svs, svh, svd,
-                        sot, soh, sod, sbs, sbw, GROUPS, QT, PS, D, scale, softcap, window,
-                        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                        sot, soh, sod, sbs, sbw, scale, softcap, window, GROUPS: tl.constexpr,
+                        QT: tl.constexpr, PS: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs at least 16 keys")
@@ -112,6 +113,8 @@ def unsupported(q_val, k_val, v_val) -> str:
         return f"paged attention kernel needs one static head dim for q, K and V (got {d}, {dk}, {dv})"
     if d > MAX_HEAD_DIM:
         return f"paged attention kernel tiles head dims up to {MAX_HEAD_DIM} (got {d})"
+    if not isinstance(k_val.shape[1], int):
+        return "paged attention kernel needs a static page size (a constexpr: page offsets are shifts)"
     h, hkv = q_val.shape[1], k_val.shape[2]
     if not (isinstance(h, int) and isinstance(hkv, int)) or hkv == 0 or h % hkv:
         return f"paged attention kernel needs a static H that is a multiple of Hkv (got {h}, {hkv})"
@@ -208,8 +211,8 @@ def _launcher(s: dict, fn):
         block_m, qt = tile_rows(blocks["BLOCK_M"], groups, t, seqs)
         fn[(seqs, -(-t // qt), k.shape[2])](
             q, k, v, out, bt, qs, sl, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bt.stride(),
-            groups, qt, k.shape[1], d, s["scale"], s["softcap"], s["window"], num_warps=num_warps, **flags,
-            **dict(blocks, BLOCK_M=block_m))
+            s["scale"], s["softcap"], s["window"], GROUPS=groups, QT=qt, PS=k.shape[1], D=d, num_warps=num_warps,
+            **flags, **dict(blocks, BLOCK_M=block_m))
 
     return run
 
