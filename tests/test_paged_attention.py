@@ -93,3 +93,37 @@ def test_fallback_records_reason():
     assert any("head dim" in r for r in reasons), reasons
     ref = paged_attention_reference(q, k, v, bt, qs, sl, 0.25, 0, 0.0)
     torch.testing.assert_close(cm(q, k, v, bt, qs, sl), ref)
+
+
+@pytest.mark.parametrize("page", [4, 32])  # a key tile spans several pages / a page several tiles
+def test_small_tiles_window_over_many_tiles(page):
+    """The kernel launched directly with 16-row, 16-key tiles: sequences span many key tiles and
+    query tiles, the window starts past the first tiles, pages are scrambled."""
+    from turbofx.codegen import paged_attention as pa
+    from turbofx.codegen.cache import kernel_path
+    from turbofx.codegen.target import detect
+    from turbofx.runtime.kernels import load_kernel
+
+    g = torch.Generator().manual_seed(3)
+    seqs = [(20, 70), (1, 53), (0, 0), (9, 9)]
+    h, hkv, d, window, softcap = 4, 2, 16, 20, 0.0
+    width = max(-(-keys // page) for _, keys in seqs)
+    n_pages = len(seqs) * width + 1
+    block_table = torch.randperm(n_pages, generator=g)[:len(seqs) * width].view(len(seqs), width).to(torch.int32)
+    query_start = torch.tensor([0] + list(torch.tensor([n for n, _ in seqs]).cumsum(0)), dtype=torch.int32)
+    seq_lens = torch.tensor([keys for _, keys in seqs], dtype=torch.int32)
+    t = int(query_start[-1]) + 2
+    q, k, v = (torch.randn(*s, generator=g) for s in ((t, h, d), (n_pages, page, hkv, d), (n_pages, page, hkv, d)))
+    step = {"q": 0, "k_cache": 1, "v_cache": 2, "block_table": 3, "query_start": 4, "seq_lens": 5, "out": 6,
+            "kernel": pa.NAME, "scale": d ** -0.5, "window": window, "softcap": softcap,
+            "shape": [str(x) for x in q.shape], "stride": [str(x) for x in q.stride()],
+            "blocks": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "UPCAST": True, "IEEE": False,
+                       "num_warps": 1, "sm_count": 1, "interpret": True}}
+    target = detect("cpu")
+    fn = load_kernel(kernel_path(pa.NAME, pa.SOURCE, target), pa.NAME, True)
+    values = [q, k, v, block_table, query_start, seq_lens, None]
+    pa.PagedAttentionFamily().runner(step, {pa.NAME: fn})(values, {})
+    ref = paged_attention_reference(q.double(), k.double(), v.double(), block_table, query_start, seq_lens,
+                                    d ** -0.5, window, softcap, compute_dtype=torch.float64)
+    torch.testing.assert_close(values[6].double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(values[6][-2:], torch.zeros(2, h, d))
