@@ -123,6 +123,12 @@ def unsupported(q_val, k_val, v_val) -> str:
     return ""
 
 
+def blocks(target, head_dim: int, elem_size: int) -> dict:
+    """The attention family's tiles, with 32-key tiles on AMD (64 spill scalar registers on gfx942)."""
+    b = _att.blocks(target, head_dim, elem_size)
+    return dict(b, BLOCK_N=32) if target.backend == "hip" else b
+
+
 def tile_rows(block_m: int, groups: int, tokens: int, seqs: int) -> tuple[int, int]:
     """(BLOCK_M, QT): rows per program and the tokens they cover. From shapes only (graph safe):
     the mean tokens per sequence sizes the tile, so decode steps (one token each) get the
@@ -157,7 +163,7 @@ class PagedAttentionFamily(family.Family):
             "seq_lens": slot[pa.seq_lens], "out": slot[n], "scale": float(pa.scale), "window": int(pa.window),
             "softcap": float(pa.softcap),
             "shape": [ix.pyexpr(e) for e in ix.shape_of(n)], "stride": [ix.pyexpr(e) for e in ix.strides_of(n)],
-            "blocks": _att.blocks(lc.target, int(q_val.shape[-1]), q_val.element_size()),
+            "blocks": blocks(lc.target, int(q_val.shape[-1]), q_val.element_size()),
             "node": n.name}
         lc.define(n, [pa.q, pa.k_cache, pa.v_cache, pa.block_table, pa.query_start, pa.seq_lens])
         extras = "".join(x for x, on in (("+window", pa.window > 0), ("+softcap", pa.softcap > 0)) if on)
