@@ -93,7 +93,7 @@ def _cases():
     def mlp(rows):
         return GatedMlp().to(h16), (rnd(1, rows, 256),)
 
-    def paged(d, tokens, seqs, window=0, softcap=0.0, page=16, h=16, hkv=4):
+    def paged(d, tokens, seqs, window=0, softcap=0.0, page=16, h=16, hkv=4, dtype=h16):
         # a serving step: `seqs` sequences over scrambled pages of 16, `tokens` packed query rows
         width, n_pages = 32, seqs * 32 + 8
         block_table = torch.randperm(n_pages)[:seqs * width].view(seqs, width).to(torch.int32)
@@ -103,7 +103,8 @@ def _cases():
         seq_lens = torch.tensor([200 + 37 * i + c for i, c in enumerate(counts)], dtype=torch.int32)
         fn = Fn(lambda q, k, v, bt, qs, sl: torch.ops.turbofx.paged_attention(q, k, v, bt, qs, sl, d ** -0.5,
                                                                              window, softcap))
-        return fn, (rnd(tokens, h, d), rnd(n_pages, page, hkv, d), rnd(n_pages, page, hkv, d), block_table,
+        return fn, (rnd(tokens, h, d, dtype=dtype), rnd(n_pages, page, hkv, d, dtype=dtype),
+                    rnd(n_pages, page, hkv, d, dtype=dtype), block_table,
                     query_start, seq_lens)
 
     def varlen(q, k, v, cu):
@@ -134,6 +135,8 @@ def _cases():
         Case("paged attention decode d128 gqa4", lambda: paged(128, 8, 8)),
         Case("paged attention mixed step d64 window + softcap", lambda: paged(64, 256, 8, 128, 30.0)),
         Case("paged attention decode d64", lambda: paged(64, 8, 8), False),
+        Case("paged attention fp32 d64 gqa3 (SmolLM2's heads)",
+             lambda: paged(64, 256, 8, h=9, hkv=3, dtype=torch.float32), False),
     ]
 
 

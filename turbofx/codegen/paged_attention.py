@@ -124,9 +124,14 @@ def unsupported(q_val, k_val, v_val) -> str:
 
 
 def blocks(target, head_dim: int, elem_size: int) -> dict:
-    """The attention family's tiles, with 32-key tiles on AMD (64 spill scalar registers on gfx942)."""
+    """The attention family's tiles, with 32-key tiles on AMD (64 spill scalar registers on gfx942)
+    and 16-key fp32 tiles on sm8x (32 spill there: the per-key page offsets take registers)."""
     b = _att.blocks(target, head_dim, elem_size)
-    return dict(b, BLOCK_N=32) if target.backend == "hip" else b
+    if target.backend == "hip":
+        return dict(b, BLOCK_N=32)
+    if not target.interpret and elem_size == 4 and target.arch.startswith("sm8"):
+        return dict(b, BLOCK_N=16)
+    return b
 
 
 def tile_rows(block_m: int, groups: int, tokens: int, seqs: int) -> tuple[int, int]:
