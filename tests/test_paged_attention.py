@@ -78,6 +78,10 @@ def test_window_and_softcap():
     _check(4, 2, 8, torch.float32, window=3, softcap=5.0)
 
 
+def test_group_not_a_power_of_two():
+    _check(6, 2, 16, torch.float32)  # group 3 (SmolLM2's 9 / 3 heads): tiles of 16 rows hold 5 tokens
+
+
 def test_multi_query_group_fills_tile():
     _check(8, 1, 16, torch.float16)  # group 8: decode rows are 8 heads of one KV head
 
