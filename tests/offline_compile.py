@@ -48,6 +48,9 @@ KNOWN_SPILLS = {
     ("hip:gfx942", "tfx_attention_varlen", "varlen"): "a few VGPRs on gfx942 (Triton 3.9)",
     # seen once the harness specialised launches as Triton's JIT does (16-divisible arguments marked)
     ("cuda:sm100", "tfx_attention_fwd", "attention prefill causal d64"): "24 B at 128 registers on sm100 (Triton 3.9)",
+    # scalar registers only (SGPR spills go to VGPR lanes, not memory); no VGPR spill
+    **{("hip:gfx942", "tfx_paged_attention", case): "SGPR spills on gfx942 (Triton 3.9)" for case in (
+        "paged attention mixed step d128 gqa4", "paged attention mixed step d64 window + softcap")},
 }
 
 
@@ -90,6 +93,20 @@ def _cases():
     def mlp(rows):
         return GatedMlp().to(h16), (rnd(1, rows, 256),)
 
+    def paged(d, tokens, seqs, window=0, softcap=0.0, page=16, h=16, hkv=4, dtype=h16):
+        # a serving step: `seqs` sequences over scrambled pages of 16, `tokens` packed query rows
+        width, n_pages = 32, seqs * 32 + 8
+        block_table = torch.randperm(n_pages)[:seqs * width].view(seqs, width).to(torch.int32)
+        counts = [tokens // seqs] * seqs
+        counts[0] += tokens - sum(counts)
+        query_start = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int32)
+        seq_lens = torch.tensor([200 + 37 * i + c for i, c in enumerate(counts)], dtype=torch.int32)
+        fn = Fn(lambda q, k, v, bt, qs, sl: torch.ops.turbofx.paged_attention(q, k, v, bt, qs, sl, d ** -0.5,
+                                                                             window, softcap))
+        return fn, (rnd(tokens, h, d, dtype=dtype), rnd(n_pages, page, hkv, d, dtype=dtype),
+                    rnd(n_pages, page, hkv, d, dtype=dtype), block_table,
+                    query_start, seq_lens)
+
     def varlen(q, k, v, cu):
         return torch.ops.turbofx.varlen_attention(q, k, v, cu, 0.125, True)
 
@@ -114,6 +131,12 @@ def _cases():
         Case("gemm prefill tiled (rmsnorm prologue, swiglu; residual)", lambda: mlp(200)),
         Case("varlen", lambda: (Fn(varlen), (rnd(200, 4, 64), rnd(200, 2, 64), rnd(200, 2, 64),
                                              torch.tensor([0, 37, 37, 150, 200], dtype=torch.int32)))),
+        Case("paged attention mixed step d128 gqa4", lambda: paged(128, 256, 8)),
+        Case("paged attention decode d128 gqa4", lambda: paged(128, 8, 8)),
+        Case("paged attention mixed step d64 window + softcap", lambda: paged(64, 256, 8, 128, 30.0)),
+        Case("paged attention decode d64", lambda: paged(64, 8, 8), False),
+        Case("paged attention fp32 d64 gqa3 (SmolLM2's heads)",
+             lambda: paged(64, 256, 8, h=9, hkv=3, dtype=torch.float32), False),
     ]
 
 

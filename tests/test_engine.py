@@ -79,6 +79,8 @@ def test_compiled_engine_matches_hf_generate_with_chunks_and_preemption():
     engine = turbofx.Engine(model, max_batch_size=4, max_num_tokens=16, page_size=4, num_pages=8,
                             max_seq_len=64)
     assert engine.program is not engine.decoder  # a turbofx program, compiled before serving
+    paged = [r for r in turbofx.explain(engine.program).kernels if "paged" in r.label]
+    assert len(paged) == 2 and all(r.kind == "attention" for r in paged), paged  # one kernel per layer
     reqs = _requests(16)
     handles = _serve_staggered(engine, reqs)
     for (prompt, k), h in zip(reqs, handles):

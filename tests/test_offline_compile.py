@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 FAMILIES = ["tfx_activation", "tfx_softmax", "tfx_reduction", "tfx_pointwise", "tfx_attention_fwd",
-            "tfx_attention_combine", "tfx_kv_write", "tfx_attention_varlen",
+            "tfx_attention_combine", "tfx_kv_write", "tfx_attention_varlen", "tfx_paged_attention",
             "tfx_gemv ", "tfx_gemm_reduce ", "tfx_gemm "]  # GEMV, split-K reduce, tiled GEMM
 
 

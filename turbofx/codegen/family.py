@@ -81,7 +81,7 @@ def _families() -> list[Family]:
     global _loaded
     if not _loaded:
         # importing a family's module registers it
-        from turbofx.codegen import attention, extern, gemm, kernel  # noqa: F401
+        from turbofx.codegen import attention, extern, gemm, kernel, paged_attention  # noqa: F401
         _loaded = True
         _FAMILIES.sort(key=lambda f: f.fallback)
     return _FAMILIES
