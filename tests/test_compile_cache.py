@@ -30,8 +30,8 @@ cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hid
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 m = LlamaForCausalLM(cfg).eval()
 ids = torch.tensor([[1, 5, 9, 3]])
-out = turbofx.generate(m, ids, max_new_tokens=3)
-ref = m.generate(ids, max_new_tokens=3, do_sample=False)
+out = turbofx.generate(m, ids, max_new_tokens=1)
+ref = m.generate(ids, max_new_tokens=1, do_sample=False)
 print(json.dumps({"tokens": out.sequences.tolist(), "eager": ref.tolist(),
                   "cache": {k: r.cache.status for k, r in out.reports.items()},
                   "report": str(out.reports["prefill"])}))
@@ -65,7 +65,7 @@ def test_concurrent_cold_processes_then_a_fresh_process_hits(tmp_path):
     for r in (ra, rb):
         assert r["tokens"] == r["eager"]
     assert ra["tokens"] == rb["tokens"]
-    assert len(_entries(tmp_path)) == 2  # prefill and decode; no temporary directory left
+    assert len(_entries(tmp_path)) == 2  # prefill and decode programs; no temporary directory left
     assert not [p for p in (tmp_path / "programs").glob("*/.*")]
     warm = _result(_child(tmp_path))
     assert warm["cache"] == {"prefill": "hit", "decode": "hit"}
