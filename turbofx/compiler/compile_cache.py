@@ -318,23 +318,23 @@ def _discard(d: Path, why: str) -> None:
 def lookup(key: str, module: torch.nn.Module) -> tuple[Any, str]:
     """(the cached CompiledModule for ``key`` over ``module``'s live tensors, the cold compile's pass
     summary), or (None, why it missed)."""
-    from turbofx.compiler.artifact import load, read_meta
+    from turbofx.compiler.artifact import load, read_meta, verify_files
     from turbofx.errors import TurbofxError
 
     d = _entry(key)
     if not d.is_dir():
         return None, "no entry"
     try:
-        meta = read_meta(d)
+        meta = read_meta(d)  # sealed: the recipes cannot have been edited
+        verify_files(d, meta["files"], "meta.json")  # before any join re-points the module's weights
         extra = meta["extra"]["compile_cache"]
         if extra.get("key") != key:
             raise TurbofxError("the entry is for another key")
-        rec = extra["recipes"]
-        state = _rebuild(module, rec)
+        state = _rebuild(module, extra["recipes"])
         if state is None:
             return None, "the live module does not match the entry's state recipes"
         compiled = load(d, shared_state=state)
-    except (TurbofxError, KeyError, TypeError, ValueError, OSError) as e:
+    except Exception as e:  # anything wrong with an entry means: not trusted, rebuilt
         _discard(d, f"{type(e).__name__}: {str(e)[:300]}")
         return None, "damaged entry rebuilt"
     rep = compiled.turbofx_report
@@ -374,6 +374,9 @@ def store(key: str, module: torch.nn.Module, captured, origin: dict, compiled, r
                       "without it (set TURBOFX_CACHE_DIR to a writable directory, or TURBOFX_COMPILE_CACHE=0)",
                       RuntimeWarning, stacklevel=4)
         return f"cache dir not writable ({e.strerror or e})"
+    except Exception as e:  # the cache must never fail a compile that succeeded
+        log.warning("turbofx compile cache: could not store %s (%s: %s)", d, type(e).__name__, e)
+        return f"{type(e).__name__} while writing the entry"
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -423,6 +423,9 @@ def compile(module: torch.nn.Module, example_args: tuple = (), example_kwargs: d
             key = compile_cache.key_of(module, example_args, example_kwargs, opts, detected.describe())
         except compile_cache.Uncacheable as e:
             record.reason = f"not cacheable: {e}"
+        except Exception as e:  # the cache must never stop a compile: compile uncached, say why
+            log.debug("compile cache key failed", exc_info=True)
+            record.reason = f"not cacheable: {type(e).__name__} while computing the key"
     if key is not None:
         record.key = key[:12]
         hit, info = compile_cache.lookup(key, module)
