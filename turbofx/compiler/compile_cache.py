@@ -214,6 +214,11 @@ def _inputs(args: tuple, kwargs: dict) -> list:
 
 def key_of(module: torch.nn.Module, args: tuple, kwargs: dict, opts, target: str) -> str:
     """The sha256 key of everything that determines the program; raises Uncacheable."""
+    return hashlib.sha256(key_text(module, args, kwargs, opts, target).encode()).hexdigest()
+
+
+def key_text(module: torch.nn.Module, args: tuple, kwargs: dict, opts, target: str) -> str:
+    """The canonical JSON record the key hashes (for people: diff two of them to see why a miss)."""
     import triton
     import transformers
 
@@ -231,10 +236,9 @@ def key_of(module: torch.nn.Module, args: tuple, kwargs: dict, opts, target: str
                       if (k.startswith("TURBOFX_") and k not in _ENV_NOT_IN_KEY) or k == "TRITON_INTERPRET"),
     }
     try:
-        text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as e:
         raise Uncacheable(f"the key record is not JSON ({e})") from None
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # -- recipes ---------------------------------------------------------------------------------------
