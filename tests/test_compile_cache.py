@@ -184,3 +184,29 @@ def test_unwritable_cache_dir_warns_and_compiles(cache_dir):
         compiled = _compile(model)
     assert compiled.turbofx_report.cache.status == "skipped"
     _check(model, compiled)
+
+
+class _WithConstant(torch.nn.Module):
+    """A lifted constant (not reachable by name: stored in the entry) next to a tied weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4, bias=False)
+        self.b = torch.nn.Linear(4, 4, bias=False)
+        self.b.weight = self.a.weight  # tied: one tensor under two names
+
+    def forward(self, x):
+        return self.b(self.a(x)) * torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+
+def test_lifted_constants_are_stored_and_tied_weights_stay_tied(cache_dir):
+    x = torch.randn(2, 4)
+    first = _WithConstant()
+    turbofx.compile(first, (x,))
+    second = _WithConstant()
+    hit = turbofx.compile(second, (x,))
+    assert hit.turbofx_report.cache.status == "hit"
+    with torch.no_grad():
+        torch.testing.assert_close(hit(x), second(x))
+        second.a.weight.mul_(3)  # the tied weight is the live one under both names
+        torch.testing.assert_close(hit(x), second(x))
