@@ -33,6 +33,7 @@ rep = out.reports["prefill"]
 print(json.dumps({"seconds": total, "compile_s": out.compile_seconds, "prefill_s": out.prefill_seconds,
                   "cache": rep.cache.status if rep.cache else None,
                   "cache_s": rep.cache.seconds if rep.cache else None,
+                  "cache_reason": rep.cache.reason if rep.cache else None,
                   "token": out.new_tokens.tolist()}))
 """
 
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     ratio = cold["seconds"] / warm["seconds"]
     print("| run | generate s | program ready s | first token run s | cache |\n|---|---:|---:|---:|---|")
     for name, r in (("cold", cold), ("warm", warm)):
-        print(f"| {name} | {r['seconds']:.2f} | {r['compile_s']:.2f} | {r['prefill_s']:.2f} | {r['cache']} |")
+        print(f"| {name} | {r['seconds']:.2f} | {r['compile_s']:.2f} | {r['prefill_s']:.2f} | {r['cache']} "
+              f"{r.get('cache_reason') or ''} |")
     print(f"\ncold {cold['seconds']:.2f} s, warm {warm['seconds']:.2f} s, ratio {ratio:.1f}x; same token: "
           f"{cold['token'] == warm['token']}")
     if a.json:
