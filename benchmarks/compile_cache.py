@@ -31,9 +31,8 @@ out = turbofx.generate(model, ids, max_new_tokens=1)
 total = time.perf_counter() - t0
 rep = out.reports["prefill"]
 print(json.dumps({"seconds": total, "compile_s": out.compile_seconds, "prefill_s": out.prefill_seconds,
-                  "cache": rep.cache.status if rep.cache else None,
+                  "cache": {k: str(r.cache) for k, r in out.reports.items()},
                   "cache_s": rep.cache.seconds if rep.cache else None,
-                  "cache_reason": rep.cache.reason if rep.cache else None,
                   "token": out.new_tokens.tolist()}))
 """
 
@@ -45,7 +44,9 @@ def _run(cache_dir: str) -> dict:
     p = subprocess.run([sys.executable, "-c", _CHILD], env=env, cwd=root, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"child failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    row = json.loads(p.stdout.strip().splitlines()[-1])
+    row["warnings"] = [line for line in p.stderr.splitlines() if "compile cache" in line][-5:]
+    return row
 
 
 def main(argv=None) -> int:
@@ -58,8 +59,11 @@ def main(argv=None) -> int:
     ratio = cold["seconds"] / warm["seconds"]
     print("| run | generate s | program ready s | first token run s | cache |\n|---|---:|---:|---:|---|")
     for name, r in (("cold", cold), ("warm", warm)):
-        print(f"| {name} | {r['seconds']:.2f} | {r['compile_s']:.2f} | {r['prefill_s']:.2f} | {r['cache']} "
-              f"{r.get('cache_reason') or ''} |")
+        status = r["cache"]["prefill"].split(",")[0].removeprefix("compile cache: ")
+        print(f"| {name} | {r['seconds']:.2f} | {r['compile_s']:.2f} | {r['prefill_s']:.2f} | {status} |")
+    for name, r in (("cold", cold), ("warm", warm)):
+        print(f"{name}: " + "; ".join(f"{k}: {v}" for k, v in r["cache"].items()) + "".join(
+            f"\n  {w}" for w in r["warnings"]))
     print(f"\ncold {cold['seconds']:.2f} s, warm {warm['seconds']:.2f} s, ratio {ratio:.1f}x; same token: "
           f"{cold['token'] == warm['token']}")
     if a.json:
