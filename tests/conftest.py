@@ -3,6 +3,8 @@
 * ``TURBOFX_CACHE_DIR`` points at a fresh temporary directory for the whole session. It is set at
   import time, before any test module imports turbofx, so no test reads or writes the user's
   kernel cache (~/.cache/turbofx).
+* ``TURBOFX_COMPILE_CACHE=0``: every compile is a fresh one (tests read pass records); the compile
+  cache's own tests turn it on with monkeypatch and a temporary ``TURBOFX_CACHE_DIR``.
 * ``@pytest.mark.slow`` tests are skipped unless ``TURBOFX_SLOW=1``.
 * ``@pytest.mark.gpu`` tests are skipped when no CUDA device is present (without a GPU, turbofx
   runs its Triton kernels in Triton's interpreter on the CPU).
@@ -16,6 +18,7 @@ import tempfile
 
 _OWN_CACHE = "TURBOFX_CACHE_DIR" not in os.environ
 os.environ.setdefault("TURBOFX_CACHE_DIR", tempfile.mkdtemp(prefix="turbofx-test-cache-"))
+os.environ.setdefault("TURBOFX_COMPILE_CACHE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

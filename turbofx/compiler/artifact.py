@@ -288,43 +288,54 @@ def save(compiled, output_dir: str | os.PathLike, extra: dict | None = None, ove
     ``shares_weights_with`` (a sibling artifact's relative path) no weights are written: ``load``
     takes them from that artifact (e.g. prefill and decode programs over one KV cache). A
     ``tokenizer`` (anything with ``save_pretrained``) is stored in ``tokenizer/``."""
+    with atomic_dir(output_dir, overwrite) as tmp:
+        write_into(tmp, compiled, extra=extra, shares_weights_with=shares_weights_with, tokenizer=tokenizer)
+    return Path(output_dir).resolve()
+
+
+def write_into(tmp: Path, compiled, extra: dict | None = None, shares_weights_with: str | None = None,
+               tokenizer=None, stored: set[str] | None = None) -> None:
+    """Write the artifact files of ``compiled`` into the (new, empty) directory ``tmp``, sealed
+    meta.json last. ``stored``: only these state keys go into weights.safetensors and ``load``
+    takes the others from ``shared_state`` (the compile cache stores no weights)."""
     from safetensors.torch import save_file
 
-    with atomic_dir(output_dir, overwrite) as tmp:
-        prog = compiled._program
-        (tmp / "kernels").mkdir()
-        for name, src in prog.sources.items():
-            (tmp / "kernels" / f"{name}.py").write_text(src)
-        (tmp / "program.json").write_text(json.dumps(prog.d))
-        tensors, aliases, seen = {}, {}, {}
-        for key, t in compiled._state.items():
-            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-            if ident in seen:
-                aliases[key] = seen[ident]
-            else:
-                seen[ident] = key
-                tensors[key] = t.detach().to("cpu").contiguous()
-        if shares_weights_with is None:
-            save_file(tensors, str(tmp / "weights.safetensors"))
-        report = compiled.turbofx_report
-        (tmp / "graph.txt").write_text(str(report) if report is not None else "")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        meta = {
-            "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(),
-            "target": prog.d.get("target"), "plan": compiled._plan, "expected": _expected_json(compiled._expected),
-            "names": compiled._names, "in_spec": _spec_dump(compiled._in_spec), "out_spec": _spec_dump(compiled._out_spec),
-            "mutations": {str(k): v for k, v in compiled._mutations.items()},
-            "n_user_outputs": compiled._n_user_outputs, "aliases": aliases, "files": file_digests(tmp),
-            "state_devices": {k: str(t.device) for k, t in compiled._state.items()}, "extra": extra or {},
-            "kernels": [dataclasses.asdict(k) for k in report.kernels] if report is not None else [],
-            "shares_weights_with": shares_weights_with,
-            "guards": compiled._guards.to_json(),  # shape guards: ranges and assertions on input sizes
-            "layouts": prog.d.get("layouts", []),  # weights joined at compile time (for people and tools)
-            "quantization": prog.d.get("quantization"),  # the config and the weights it quantized, or None
-        }
-        (tmp / "meta.json").write_text(seal(meta))
-    return Path(output_dir).resolve()
+    prog = compiled._program
+    (tmp / "kernels").mkdir()
+    for name, src in prog.sources.items():
+        (tmp / "kernels" / f"{name}.py").write_text(src)
+    (tmp / "program.json").write_text(json.dumps(prog.d))
+    tensors, aliases, seen = {}, {}, {}
+    for key, t in compiled._state.items():
+        if stored is not None and key not in stored:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ident in seen:
+            aliases[key] = seen[ident]
+        else:
+            seen[ident] = key
+            tensors[key] = t.detach().to("cpu").contiguous()
+    if shares_weights_with is None and (stored is None or tensors):
+        save_file(tensors, str(tmp / "weights.safetensors"))
+    report = compiled.turbofx_report
+    (tmp / "graph.txt").write_text(str(report) if report is not None else "")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    meta = {
+        "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(),
+        "target": prog.d.get("target"), "plan": compiled._plan, "expected": _expected_json(compiled._expected),
+        "names": compiled._names, "in_spec": _spec_dump(compiled._in_spec), "out_spec": _spec_dump(compiled._out_spec),
+        "mutations": {str(k): v for k, v in compiled._mutations.items()},
+        "n_user_outputs": compiled._n_user_outputs, "aliases": aliases, "files": file_digests(tmp),
+        "state_devices": {k: str(t.device) for k, t in compiled._state.items()}, "extra": extra or {},
+        "kernels": [dataclasses.asdict(k) for k in report.kernels] if report is not None else [],
+        "shares_weights_with": shares_weights_with,
+        "stored": None if stored is None else sorted(k for k in compiled._state if k in stored),
+        "guards": compiled._guards.to_json(),  # shape guards: ranges and assertions on input sizes
+        "layouts": prog.d.get("layouts", []),  # weights joined at compile time (for people and tools)
+        "quantization": prog.d.get("quantization"),  # the config and the weights it quantized, or None
+    }
+    (tmp / "meta.json").write_text(seal(meta))
 
 
 def export(module: torch.nn.Module, example_args: tuple = (), example_kwargs: dict | None = None,
@@ -396,12 +407,14 @@ def load(path: str | os.PathLike, device: str | None = None, shared_state: dict 
             raise ArtifactError(f"{d} was exported with {lib} {meta['versions'][lib]}, this is {lib} {now[lib]}; "
                                 "re-export it with the installed versions")
     verify_files(d, meta["files"], "meta.json")
-    if meta.get("shares_weights_with") and shared_state is None:
-        raise ArtifactError(f"{d} shares the weights of {meta['shares_weights_with']}: load that one and pass "
-                            "its state (turbofx.load(path, shared_state=other._state))")
+    stored = meta.get("stored")  # None: every state tensor is in weights.safetensors (or shared)
+    if (meta.get("shares_weights_with") or stored is not None) and shared_state is None:
+        raise ArtifactError(f"{d} shares the weights of {meta.get('shares_weights_with') or 'its model'}: load "
+                            "that one and pass its state (turbofx.load(path, shared_state=other._state))")
     try:
         prog_d = json.loads((d / "program.json").read_text())
-        weights = None if meta.get("shares_weights_with") else load_file(str(d / "weights.safetensors"))
+        weights = None if meta.get("shares_weights_with") or (stored is not None and not stored) else \
+            load_file(str(d / "weights.safetensors"))
     except Exception as e:
         raise ArtifactError(f"{d}: cannot read program or weights ({e}); re-export the model") from e
     target = prog_d.get("target", {})
@@ -421,7 +434,17 @@ def load(path: str | os.PathLike, device: str | None = None, shared_state: dict 
         sources[p.stem] = p.read_text()
     program = Program(prog_d, kernels)
     program.sources = sources
-    if weights is None:
+    if stored is not None:  # the stored keys from the file, the others from shared_state
+        missing = set(meta["state_devices"]) - set(shared_state) - set(stored)
+        if missing:
+            raise ArtifactError(f"{d}: the shared state lacks {sorted(missing)[:5]}")
+        state = {}
+        for key, dev in meta["state_devices"].items():
+            if key in stored:
+                state[key] = weights[meta["aliases"].get(key, key)].to(dev)
+            else:
+                state[key] = shared_state[key]
+    elif weights is None:
         missing = set(meta["state_devices"]) - set(shared_state)
         if missing:
             raise ArtifactError(f"{d}: the shared state lacks {sorted(missing)[:5]}")

@@ -50,6 +50,9 @@ class CapturedGraph:
     # expression -> (lo, hi) bounds, and the runtime assertions over sizes in the graph
     ranges: dict = field(default_factory=dict)
     asserts: list = field(default_factory=list)
+    # state key a pass added -> how to rebuild it from the live module (e.g. layout.Joined), for the
+    # compile cache; a key added without a recipe makes the program uncacheable
+    recipes: dict[str, Any] = field(default_factory=dict)
 
 
 def _var_mean(x, dim=None, *, correction=None, keepdim=False):

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from turbofx.codegen import cache
+from turbofx.compiler import compile_cache
 from turbofx.codegen.lower import KernelRecord, lower
 from turbofx.codegen.target import detect
 from turbofx.compiler.capture import CapturedGraph, capture_module
@@ -60,6 +61,9 @@ class Options:
     # weight quantization: a turbofx.quant config or its name ("int8", "int4", "int4-g64", "w8a8", "fp8",
     # "fp8-dynamic", "gguf"); None keeps the weights as they are
     quantize: Any = None
+    # reuse a program compiled before, in any process, for the same model and inputs (compile_cache.py);
+    # env TURBOFX_COMPILE_CACHE=0 turns it off too
+    compile_cache: bool = True
 
     @classmethod
     def make(cls, **kw) -> "Options":
@@ -122,6 +126,7 @@ class Report:
     quantized: list = field(default_factory=list)  # passes.quantize.QuantizedLayer: weights quantized
     quant_notes: list = field(default_factory=list)  # e.g. GGUF tensors dequantized on load, and why
     quantized_sources: list = field(default_factory=list)  # (weakref, _version) of the weights quantized
+    cache: Any = None  # compile_cache.CacheRecord: hit, miss or skipped (and why); None: not asked
 
     def refusal_of(self, node: str) -> Refusal | None:
         """Why a pass (or verify=kernels) did not take this node: the last refusal recorded for it;
@@ -163,7 +168,12 @@ class Report:
             lines.append("  extern ATen calls (why not generated):")
             for (op, why), n in sorted(reasons.items(), key=lambda x: -x[1]):
                 lines.append(f"    {n:4d}× {op}: {why}")
-        lines.append("  passes: " + "; ".join(p.summary() for p in self.passes))
+        if self.passes or self.cache is None or not self.cache.passes:
+            lines.append("  passes: " + "; ".join(p.summary() for p in self.passes))
+        else:  # a cache hit ran no passes: what the cold compile's did
+            lines.append("  passes (cold compile): " + self.cache.passes)
+        if self.cache is not None:
+            lines.append(f"  {self.cache}")
         for w in self.layouts[:4]:
             lines.append(f"  {w.describe()}")
         if len(self.layouts) > 4:
@@ -405,7 +415,31 @@ def compile(module: torch.nn.Module, example_args: tuple = (), example_kwargs: d
     example_kwargs = dict(example_kwargs or {})
     if not isinstance(example_args, tuple):
         example_args = (example_args,)
-    detect(_first_device(module, example_args, example_kwargs), opts.target)  # a bad target fails before capture
+    detected = detect(_first_device(module, example_args, example_kwargs), opts.target)  # a bad target fails before capture
+    t_cache = time.perf_counter()
+    key, record = None, compile_cache.CacheRecord("skipped", compile_cache.skip_reason(opts) or "")
+    if not record.reason:
+        try:
+            key = compile_cache.key_of(module, example_args, example_kwargs, opts, detected.describe())
+        except compile_cache.Uncacheable as e:
+            record.reason = f"not cacheable: {e}"
+        except Exception as e:  # the cache must never stop a compile: compile uncached, say why
+            log.debug("compile cache key failed", exc_info=True)
+            record.reason = f"not cacheable: {type(e).__name__} while computing the key"
+    if key is not None:
+        record.key = key[:12]
+        hit, info = compile_cache.lookup(key, module)
+        if hit is not None:
+            record.status, record.passes = "hit", info
+            record.seconds = time.perf_counter() - t_cache
+            hit.turbofx_report.cache = record
+            hit.turbofx_report.stage_seconds = {"cache": record.seconds}
+            log.info("compiled %s: from the compile cache (%s)", type(module).__name__, key[:12])
+            if opts.cudagraphs or (opts.cudagraphs is None and not detected.interpret):
+                hit.enable_graphs(hit.turbofx_report.runtime_notes)
+            return hit
+        record.status, record.reason = "miss", info
+    record.seconds = time.perf_counter() - t_cache
     with Progress(f"compiling {type(module).__name__}") as progress:
         try:
             t0 = time.perf_counter()
@@ -414,6 +448,7 @@ def compile(module: torch.nn.Module, example_args: tuple = (), example_kwargs: d
             progress.stage("capture")
             with torch.no_grad():
                 captured = capture_module(module, example_args, example_kwargs, dynamic=opts.dynamic)
+            origin = compile_cache.origins(module, captured.state) if key is not None else {}
             program, report, _, target = build(captured, opts, time.perf_counter() - t0, progress)
         except TurbofxError:
             raise  # says what was wrong already
@@ -422,6 +457,13 @@ def compile(module: torch.nn.Module, example_args: tuple = (), example_kwargs: d
             raise TurbofxInternalError(f"compiling {type(module).__name__} failed", e) from e
     log.info("compiled %s: %s", type(module).__name__, report.counts())
     compiled = make_module(captured, program, report)
+    if key is not None:  # stored before graphs are enabled: an entry holds the plain program
+        t_store = time.perf_counter()
+        why = compile_cache.store(key, module, captured, origin, compiled, report)
+        record.seconds += time.perf_counter() - t_store
+        if why:
+            record.status, record.reason = "skipped", f"not stored: {why}"
+    report.cache = record
     if opts.cudagraphs or (opts.cudagraphs is None and not target.interpret):
         compiled.enable_graphs(report.runtime_notes)
     return compiled

@@ -57,6 +57,15 @@ REFUSALS = {
                      "view where eager returns a contiguous tensor",
 }
 
+@dataclass(frozen=True)
+class Joined:
+    """State recipe (``ModuleState.add``): the state tensors ``keys`` joined along dim 0 by ``_join``
+    (which re-points them at their rows), so the compile cache rebuilds a joined weight from the live
+    module exactly as a cold compile does."""
+
+    keys: tuple[str, ...]
+
+
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 _TRANSPOSES = (aten.permute.default, aten.t.default)
 
@@ -358,12 +367,12 @@ def _join_group(gm: fx.GraphModule, group: list[_Sibling], ctx: PassContext, rec
 
     weight, copied = _join([st.value(s.weight) for s in group])
     g = gm.graph
-    w_node = st.add(name, weight, like=group[0].weight)
+    w_node = st.add(name, weight, like=group[0].weight, recipe=Joined(tuple(w_keys)))
     b_node, b_name = None, None
     if b_keys:
         b_name = _joined_name(b_keys, st.keys())
         bias, _ = _join([st.value(s.bias) for s in group])
-        b_node = st.add(b_name, bias, like=group[0].bias)
+        b_node = st.add(b_name, bias, like=group[0].bias, recipe=Joined(tuple(b_keys)))
     with g.inserting_before(group[0].node):
         wt = g.call_function(aten.permute.default, (w_node, [1, 0]))
         wt.meta["val"] = _run_fake(mode, aten.permute.default, (w_node.meta["val"], [1, 0]))

@@ -75,10 +75,12 @@ class ModuleState:
     def keys(self) -> set[str]:
         return set(self._captured.state) if self._captured is not None else set()
 
-    def add(self, key: str, tensor: torch.Tensor, like: fx.Node) -> fx.Node:
+    def add(self, key: str, tensor: torch.Tensor, like: fx.Node, recipe: Any = None) -> fx.Node:
         """A new state placeholder reading ``tensor`` under ``key``, placed right after ``like`` (a
         state placeholder: the new spec takes its kind). Its ``meta["val"]`` is a static FakeTensor of
-        the graph's fake mode. Returns the new placeholder."""
+        the graph's fake mode. ``recipe`` (a frozen dataclass, e.g. ``layout.Joined``) says how to
+        rebuild ``tensor`` from the live module, so the compile cache can reuse the program; without
+        one the program is not cached. Returns the new placeholder."""
         from torch._guards import detect_fake_mode
         from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -98,6 +100,8 @@ class ModuleState:
         i = c.inputs.index(like_spec)
         c.inputs.insert(i + 1, InputSpec(like_spec.kind, node.name, key))
         c.state[key] = tensor
+        if recipe is not None:
+            c.recipes[key] = recipe
         if self._examples is not None:
             self._examples.insert(i + 1, tensor)
         return node
