@@ -239,6 +239,16 @@ def _inputs(args: tuple, kwargs: dict) -> list:
     return out
 
 
+def _version(dist: str) -> str | None:
+    """An installed distribution's version without importing it (transformers takes ~1 s to import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def key_of(module: torch.nn.Module, args: tuple, kwargs: dict, opts, target: str) -> str:
     """The sha256 key of everything that determines the program; raises Uncacheable."""
     return hashlib.sha256(key_text(module, args, kwargs, opts, target).encode()).hexdigest()
@@ -247,7 +257,6 @@ def key_of(module: torch.nn.Module, args: tuple, kwargs: dict, opts, target: str
 def key_text(module: torch.nn.Module, args: tuple, kwargs: dict, opts, target: str) -> str:
     """The canonical JSON record the key hashes (for people: diff two of them to see why a miss)."""
     import triton
-    import transformers
 
     record = {
         "root": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -258,7 +267,7 @@ def key_text(module: torch.nn.Module, args: tuple, kwargs: dict, opts, target: s
         "options": {k: _simple(getattr(opts, k)) for k in _OPTIONS_IN_KEY},
         "target": target,
         "turbofx": _turbofx_sha(),
-        "versions": [torch.__version__, triton.__version__, transformers.__version__, sys.version],
+        "versions": [torch.__version__, triton.__version__, _version("transformers"), sys.version],
         "env": sorted((k, v) for k, v in os.environ.items()
                       if (k.startswith("TURBOFX_") and k not in _ENV_NOT_IN_KEY) or k == "TRITON_INTERPRET"),
     }
