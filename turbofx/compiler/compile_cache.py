@@ -5,8 +5,10 @@ Invariant: an entry is used only when everything that determines the program is 
 is the sha256 of a canonical record of the module's classes (and their source files), every
 submodule's simple attributes and config, every parameter's and buffer's name, shape, dtype,
 device, layout in memory and aliasing, the example inputs' structure, shapes, dtypes and devices,
-the options that shape the program, the detected target, turbofx's own source, the library
-versions and the ``TURBOFX_*`` settings. Anything that cannot be put in the record means no caching
+the options that shape the program, the detected target, turbofx's own source, every .py file of
+a user package that defines a module class (its helpers shape the program too; transformers' code
+outside the model's class files is covered by its version), the library versions and the
+``TURBOFX_*`` settings. Anything that cannot be put in the record means no caching
 (the reason is recorded). Weights are never stored in, or trusted from, the cache: each state
 tensor of the program is rebuilt from the live module by its recipe — ``ModuleTensor`` (the
 module's own parameter/buffer, so mutable buffers such as KV caches stay shared), ``Joined``
@@ -170,16 +172,41 @@ def _attributes(m: torch.nn.Module) -> dict:
     return out
 
 
+def _package_sha(top: str) -> str | None:
+    """sha256 over every .py file of the package ``top`` (its helpers shape the program too: a
+    forward may call a function defined in another file); None for a single-file module."""
+    mod = sys.modules.get(top)
+    paths = list(getattr(mod, "__path__", []) or [])
+    if not paths:
+        return None
+    h = hashlib.sha256()
+    for base in paths:
+        for p in sorted(Path(base).rglob("*.py")):
+            stamp = (str(p), p.stat().st_mtime)
+            if stamp not in _file_sha:
+                _file_sha[stamp] = hashlib.sha256(p.read_bytes()).hexdigest()
+            h.update(f"{p.relative_to(base).as_posix()}:{_file_sha[stamp]};".encode())
+    return h.hexdigest()
+
+
+# libraries whose code outside the model classes is covered by their version in the key
+_VERSIONED = ("torch", "builtins", "transformers", "turbofx")
+
+
 def _classes(module: torch.nn.Module) -> list:
     seen: dict[str, str] = {}
+    packages: dict[str, str | None] = {}
     for m in module.modules():
         for cls in type(m).__mro__:
-            if cls.__module__.split(".")[0] in ("torch", "builtins"):
+            top = cls.__module__.split(".")[0]
+            if top in ("torch", "builtins"):
                 continue  # torch's own code is covered by its version
             name = f"{cls.__module__}.{cls.__qualname__}"
             if name not in seen:
                 seen[name] = _source_sha(cls)
-    return sorted(seen.items())
+            if top not in _VERSIONED and top not in packages:
+                packages[top] = _package_sha(top)
+    return sorted(seen.items()) + sorted(packages.items(), key=lambda kv: kv[0])
 
 
 def _tensors(module: torch.nn.Module) -> list:
@@ -212,6 +239,16 @@ def _inputs(args: tuple, kwargs: dict) -> list:
     return out
 
 
+def _version(dist: str) -> str | None:
+    """An installed distribution's version without importing it (transformers takes ~1 s to import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def key_of(module: torch.nn.Module, args: tuple, kwargs: dict, opts, target: str) -> str:
     """The sha256 key of everything that determines the program; raises Uncacheable."""
     return hashlib.sha256(key_text(module, args, kwargs, opts, target).encode()).hexdigest()
@@ -220,7 +257,6 @@ def key_of(module: torch.nn.Module, args: tuple, kwargs: dict, opts, target: str
 def key_text(module: torch.nn.Module, args: tuple, kwargs: dict, opts, target: str) -> str:
     """The canonical JSON record the key hashes (for people: diff two of them to see why a miss)."""
     import triton
-    import transformers
 
     record = {
         "root": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -231,7 +267,7 @@ def key_text(module: torch.nn.Module, args: tuple, kwargs: dict, opts, target: s
         "options": {k: _simple(getattr(opts, k)) for k in _OPTIONS_IN_KEY},
         "target": target,
         "turbofx": _turbofx_sha(),
-        "versions": [torch.__version__, triton.__version__, transformers.__version__, sys.version],
+        "versions": [torch.__version__, triton.__version__, _version("transformers"), sys.version],
         "env": sorted((k, v) for k, v in os.environ.items()
                       if (k.startswith("TURBOFX_") and k not in _ENV_NOT_IN_KEY) or k == "TRITON_INTERPRET"),
     }
